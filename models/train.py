@@ -1,0 +1,46 @@
+"""Training a LightGBM lambdarank model from logged decisions (one query per decision)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import lightgbm as lgb
+import numpy as np
+import numpy.typing as npt
+
+from models.features import FEATURES
+
+
+def train_ranker(
+    features: npt.NDArray[np.float64],
+    labels: npt.NDArray[np.float64],
+    groups: Sequence[int],
+    *,
+    num_trees: int = 200,
+    seed: int = 7,
+) -> lgb.Booster:
+    """Fit a lambdarank booster; ``groups`` gives the size of each decision's candidate list."""
+    if features.shape[1] != len(FEATURES):
+        raise ValueError(f"expected {len(FEATURES)} feature columns, got {features.shape[1]}")
+    if sum(groups) != features.shape[0]:
+        raise ValueError("group sizes do not add up to the number of rows")
+    dataset = lgb.Dataset(features, label=labels, group=list(groups), feature_name=list(FEATURES))
+    params = {
+        "objective": "lambdarank",
+        "metric": "ndcg",
+        "ndcg_eval_at": [1, 3],
+        "learning_rate": 0.05,
+        "num_leaves": 31,
+        "min_data_in_leaf": 20,
+        "seed": seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": 2,
+        "verbosity": -1,
+    }
+    return lgb.train(params, dataset, num_boost_round=num_trees)
+
+
+def training_meta(rows: int, queries: int) -> dict[str, object]:
+    return {"trained_at": datetime.now(UTC).isoformat(), "rows": rows, "queries": queries}

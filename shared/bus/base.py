@@ -1,0 +1,73 @@
+"""The bus: what the services need from an ordered, durable, partitioned log.
+
+Two implementations share this interface: Kafka (production) and an embedded SQLite log
+(single-process mode). Delivery is at-least-once: a consumer commits only after the work a
+record caused is durable, so consumers must be idempotent.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Something to publish. ``key`` decides the partition, so one key stays in order."""
+
+    key: str
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: str
+    value: bytes
+    timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = field(default=())
+
+
+class Consumer(abc.ABC):
+    """A member of a consumer group reading one or more topics."""
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def fetch(self, max_records: int, timeout_ms: int) -> list[Record]:
+        """Next records after the ones already fetched, in order within a partition."""
+
+    @abc.abstractmethod
+    async def commit(self) -> None:
+        """Mark everything fetched so far as done for the group."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    async def lag(self) -> dict[tuple[str, int], int]:
+        """Records not yet committed, per (topic, partition); empty if unknown."""
+        return {}
+
+
+class Bus(abc.ABC):
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    async def publish(self, topic: str, messages: Sequence[Message]) -> None:
+        """Return only once every message is durably stored (the caller may then ack)."""
+
+    @abc.abstractmethod
+    def consumer(self, topics: Sequence[str], group: str) -> Consumer: ...
+
+    @abc.abstractmethod
+    async def ready(self) -> bool:
+        """Whether the log is reachable right now (for /readyz)."""

@@ -1,0 +1,151 @@
+"""The HTTP process: one FastAPI app hosting one or more services, with health and metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
+from shared.runtime import Runtime, Service
+from shared.store.db import migrate, ping
+
+log = logging.getLogger(__name__)
+
+ServiceFactory = Callable[[Runtime], Service]
+
+
+class MetricsMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware overhead); labels by route template, not raw path."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            method = scope["method"]
+            HTTP_REQUESTS.labels(self.service, path, method, str(status)).inc()
+            HTTP_DURATION.labels(self.service, path, method).observe(time.perf_counter() - start)
+
+
+def _field_path(loc: Sequence[Any]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if item in ("body", "query", "path", "header") and not parts:
+            continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "body"
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"field": _field_path(e["loc"]), "message": e["msg"], "type": e["type"]}
+        for e in exc.errors()
+    ]
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+    return JSONResponse(
+        status_code=422,
+        content={"error": "validation_error", "message": summary, "errors": errors},
+    )
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.error("store error", extra={"path": request.url.path, "error": type(exc).__name__})
+    return JSONResponse(
+        status_code=503,
+        content={"error": "store_unavailable", "message": "the store is unavailable, retry later"},
+        headers={"Retry-After": "1"},
+    )
+
+
+def create_app(runtime: Runtime, factories: Sequence[ServiceFactory]) -> FastAPI:
+    services = [factory(runtime) for factory in factories]
+    name = "+".join(s.name for s in services) or "nbv"
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if runtime.settings.auto_migrate:
+            await migrate(runtime.settings.resolved_database_url)
+        await runtime.bus.start()
+        for service in services:
+            await service.start()
+        log.info("started", extra={"services": [s.name for s in services]})
+        try:
+            yield
+        finally:
+            # Reverse order: consumers drain and commit before the bus and store close.
+            for service in reversed(services):
+                try:
+                    await service.stop()
+                except Exception:
+                    log.exception("service stop failed", extra={"service_name": service.name})
+            await runtime.bus.stop()
+            await runtime.engine.dispose()
+            log.info("stopped")
+
+    app = FastAPI(
+        title=f"NBV {name}",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Next Best Value: event-driven decisions for B2B SaaS Customer Success.",
+    )
+    app.state.runtime = runtime
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OperationalError, _store_unavailable)
+    app.add_exception_handler(InterfaceError, _store_unavailable)
+    app.add_middleware(MetricsMiddleware, service=name)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        checks = {
+            "store": await ping(runtime.engine),
+            "bus": await runtime.bus.ready(),
+            "consumers": all(w.alive for w in runtime.workers),
+        }
+        ok = all(checks.values())
+        return JSONResponse(
+            status_code=200 if ok else 503,
+            content={"status": "ready" if ok else "not_ready", "checks": checks},
+        )
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    for service in services:
+        app.include_router(service.router)
+    return app

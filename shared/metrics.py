@@ -1,0 +1,45 @@
+"""Prometheus metrics shared by every service (names: nbv_ prefix, base units)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_REQUESTS = Counter(
+    "nbv_http_requests_total", "HTTP requests served", ["service", "route", "method", "status"]
+)
+HTTP_DURATION = Histogram(
+    "nbv_http_request_duration_seconds",
+    "HTTP request duration",
+    ["service", "route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+EVENTS_INGESTED = Counter(
+    "nbv_events_ingested_total", "Events accepted and published", ["source", "type"]
+)
+EVENTS_REJECTED = Counter("nbv_events_rejected_total", "Events refused at the door", ["reason"])
+CONSUMER_RECORDS = Counter(
+    "nbv_consumer_records_total", "Records handled by a consumer", ["group", "outcome"]
+)
+CONSUMER_LAG = Gauge(
+    "nbv_consumer_lag_records", "Records not yet committed", ["group", "topic", "partition"]
+)
+DEAD_LETTERS = Counter("nbv_dead_letters_total", "Records sent to the dead-letter topic", ["group"])
+EVENT_TO_VIEW = Histogram(
+    "nbv_event_to_view_seconds",
+    "Delay from an event's publication to its effect in the view",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+DECISIONS = Counter(
+    "nbv_decisions_total", "Elements chosen by decisions", ["element", "channel", "model_version"]
+)
+DECISION_DURATION = Histogram(
+    "nbv_decision_duration_seconds",
+    "Time to decide for one user",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+EXCLUSIONS = Counter("nbv_exclusions_total", "Candidates excluded by a rule", ["rule"])
+DELIVERIES = Counter(
+    "nbv_deliveries_total", "Deliveries by channel and outcome", ["channel", "outcome"]
+)
+RESPONSES = Counter("nbv_responses_total", "Responses received", ["outcome", "channel"])
+MODEL_INFO = Gauge("nbv_model_info", "The ranker being served (value 1)", ["version", "kind"])

@@ -1,0 +1,59 @@
+"""What every service gets to work with: settings, the bus and the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from fastapi import APIRouter
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from shared.bus import Bus, create_bus
+from shared.settings import Settings
+from shared.store.db import create_engine, session_factory
+from shared.worker import ConsumerWorker
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    bus: Bus
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    workers: list[ConsumerWorker] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Runtime:
+        engine = create_engine(settings.resolved_database_url)
+        return cls(settings, create_bus(settings), engine, session_factory(engine))
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def topic(self, name: str) -> str:
+        return self.settings.topic(name)
+
+    def worker(self, *, topics: list[str], group: str, handler: object) -> ConsumerWorker:
+        worker = ConsumerWorker(
+            bus=self.bus,
+            topics=[self.topic(t) for t in topics],
+            group=group,
+            handler=handler,  # type: ignore[arg-type]
+            dead_letter_topic=self.topic("dead-letter"),
+            batch_size=self.settings.consumer_batch_size,
+            poll_ms=self.settings.consumer_poll_ms,
+        )
+        self.workers.append(worker)
+        return worker
+
+
+class Service(Protocol):
+    """A service contributes HTTP routes and background work to a process."""
+
+    name: str
+    router: APIRouter
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...

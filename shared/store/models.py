@@ -1,0 +1,170 @@
+"""The relational store: one set of SQLAlchemy models for PostgreSQL and embedded SQLite."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone on its own)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    type_annotation_map = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSONType,
+        list[Any]: JSONType,
+    }
+
+
+class ProcessedEvent(Base):
+    """Idempotency ledger: which consumer already applied which event id."""
+
+    __tablename__ = "processed_events"
+    consumer: Mapped[str] = mapped_column(String(50), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    processed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UserView(Base):
+    __tablename__ = "user_views"
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(200), index=True)
+    email: Mapped[str | None] = mapped_column(String(320))
+    name: Mapped[str | None] = mapped_column(String(200))
+    role: Mapped[str | None] = mapped_column(String(50))
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    first_seen: Mapped[datetime]
+    last_seen: Mapped[datetime]
+    event_count: Mapped[int] = mapped_column(Integer, default=0)
+    event_counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    track_events: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    feature_usage: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    last_nps: Mapped[int | None] = mapped_column(Integer)
+    last_nps_at: Mapped[datetime | None]
+    # element id -> time it was completed / dismissed
+    achieved: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    dismissed: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AccountView(Base):
+    __tablename__ = "account_views"
+    account_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    plan: Mapped[str | None] = mapped_column(String(100))
+    subscription_status: Mapped[str | None] = mapped_column(String(20))
+    mrr: Mapped[float | None] = mapped_column(Float)
+    renewal_date: Mapped[datetime | None]
+    first_seen: Mapped[datetime]
+    last_seen: Mapped[datetime]
+    event_count: Mapped[int] = mapped_column(Integer, default=0)
+    open_tickets: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    last_nps: Mapped[int | None] = mapped_column(Integer)
+    last_nps_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Intervention(Base):
+    """A response to a delivered element: the view's history and the ranker's label."""
+
+    __tablename__ = "interventions"
+    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    decision_id: Mapped[str] = mapped_column(String(200), index=True)
+    user_id: Mapped[str] = mapped_column(String(200), index=True)
+    account_id: Mapped[str] = mapped_column(String(200))
+    element_id: Mapped[str] = mapped_column(String(200))
+    outcome: Mapped[str] = mapped_column(String(20))
+    channel: Mapped[str] = mapped_column(String(20))
+    at: Mapped[datetime]
+
+
+class ValueElementRow(Base):
+    __tablename__ = "value_elements"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    library_version: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]]
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DecisionRow(Base):
+    """Every decision with what was eligible, the scores and propensities (for off-policy use)."""
+
+    __tablename__ = "decisions"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200), index=True)
+    account_id: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    channel: Mapped[str | None] = mapped_column(String(20))
+    trigger: Mapped[str | None] = mapped_column(String(100))
+    policy: Mapped[str] = mapped_column(String(100))
+    model_version: Mapped[str] = mapped_column(String(100))
+    context: Mapped[dict[str, Any]]
+    candidates: Mapped[list[Any]]
+    chosen: Mapped[list[Any]]
+
+
+class InboxItem(Base):
+    __tablename__ = "inbox_items"
+    __table_args__ = (
+        UniqueConstraint("user_id", "element_id"),
+        Index("ix_inbox_user_status", "user_id", "status"),
+    )
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200))
+    account_id: Mapped[str] = mapped_column(String(200))
+    element_id: Mapped[str] = mapped_column(String(200))
+    decision_id: Mapped[str] = mapped_column(String(200))
+    rank: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)
+    content: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,182 @@
+"""The consume → process → commit loop every service's consumers run.
+
+A batch is committed only after its handler returned, i.e. after its effects are durable.
+Transient failures (store or broker unreachable) retry the same batch with backoff; any other
+failure is narrowed down record by record, and the records that still fail go to the
+dead-letter topic with the reason, so one poison message never stops the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from shared.bus.base import Bus, Consumer, Message, Record
+from shared.metrics import CONSUMER_LAG, CONSUMER_RECORDS, DEAD_LETTERS
+
+log = logging.getLogger(__name__)
+
+BatchHandler = Callable[[Sequence[Record]], Awaitable[None]]
+
+
+class PoisonRecord(Exception):
+    """A record that can never be processed (e.g. it does not decode)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, ConnectionError | TimeoutError | OSError)
+
+
+class ConsumerWorker:
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        topics: Sequence[str],
+        group: str,
+        handler: BatchHandler,
+        dead_letter_topic: str,
+        batch_size: int = 500,
+        poll_ms: int = 200,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        self.group = group
+        self._bus = bus
+        self._topics = list(topics)
+        self._handler = handler
+        self._dlq = dead_letter_topic
+        self._batch_size = batch_size
+        self._poll_ms = poll_ms
+        self._max_backoff_s = max_backoff_s
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: Consumer | None = None
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        self._consumer = self._bus.consumer(self._topics, self.group)
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name=f"consumer:{self.group}")
+        self.started.set()
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, commit it, and leave the group."""
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        lag_every = 0
+        while not self._stopping.is_set():
+            try:
+                records = await consumer.fetch(self._batch_size, self._poll_ms)
+            except Exception:
+                log.exception("fetch failed", extra={"group": self.group})
+                await self._sleep(1.0)
+                continue
+            if records:
+                if not await self._process(records):
+                    return  # stopping while the batch could not be made durable
+                await self._commit(consumer)
+            lag_every += 1
+            if lag_every % 25 == 0:
+                await self._report_lag(consumer)
+
+    async def _commit(self, consumer: Consumer) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await consumer.commit()
+                return
+            except Exception:
+                log.exception("commit failed, retrying", extra={"group": self.group})
+                if self._stopping.is_set():
+                    return  # the group will redeliver; consumers are idempotent
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff_s)
+
+    async def _process(self, records: Sequence[Record]) -> bool:
+        backoff = 0.2
+        while True:
+            try:
+                await self._handler(records)
+                CONSUMER_RECORDS.labels(self.group, "ok").inc(len(records))
+                return True
+            except Exception as exc:
+                if is_transient(exc):
+                    log.warning(
+                        "transient failure, retrying batch",
+                        extra={"group": self.group, "error": repr(exc), "backoff_s": backoff},
+                    )
+                    if self._stopping.is_set():
+                        return False
+                    await self._sleep(backoff * (1 + random.random() / 2))
+                    backoff = min(backoff * 2, self._max_backoff_s)
+                    continue
+                if len(records) == 1:
+                    await self._dead_letter(records[0], exc)
+                    return True
+                log.warning(
+                    "batch failed, isolating the bad record",
+                    extra={"group": self.group, "error": repr(exc), "size": len(records)},
+                )
+                for record in records:
+                    if not await self._process([record]):
+                        return False
+                return True
+
+    async def _dead_letter(self, record: Record, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        headers = (
+            *record.headers,
+            ("nbv-dlq-reason", reason.encode()),
+            ("nbv-dlq-group", self.group.encode()),
+            (
+                "nbv-dlq-origin",
+                json.dumps([record.topic, record.partition, record.offset]).encode(),
+            ),
+        )
+        await self._bus.publish(self._dlq, [Message(record.key, record.value, headers)])
+        DEAD_LETTERS.labels(self.group).inc()
+        CONSUMER_RECORDS.labels(self.group, "dead_letter").inc()
+        log.error(
+            "record sent to dead-letter topic",
+            extra={
+                "group": self.group,
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "reason": reason,
+            },
+        )
+
+    async def _report_lag(self, consumer: Consumer) -> None:
+        try:
+            lag = await consumer.lag()
+        except Exception:
+            return
+        for (topic, partition), value in lag.items():
+            CONSUMER_LAG.labels(self.group, topic, str(partition)).set(value)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
