@@ -68,10 +68,12 @@ def _field_path(loc: Sequence[Any]) -> str:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
-        {"field": _field_path(e["loc"]), "message": e["msg"], "type": e["type"]}
-        for e in exc.errors()
-    ]
+    errors = []
+    for e in exc.errors():
+        loc = list(e["loc"])
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append(str(e.get("ctx", {}).get("discriminator", "type")).strip("'"))
+        errors.append({"field": _field_path(loc), "message": e["msg"], "type": e["type"]})
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     return JSONResponse(
         status_code=422,

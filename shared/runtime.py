@@ -38,7 +38,8 @@ class Runtime:
         worker = ConsumerWorker(
             bus=self.bus,
             topics=[self.topic(t) for t in topics],
-            group=group,
+            # Prefixed like the topics, so two deployments on one cluster never share a group.
+            group=self.settings.topic_prefix + group,
             handler=handler,  # type: ignore[arg-type]
             dead_letter_topic=self.topic("dead-letter"),
             batch_size=self.settings.consumer_batch_size,

@@ -93,7 +93,7 @@ ensure_tools() {
 }
 
 pom_hash() {
-  cat "$KAFKA_CONF_DIR/pom.xml" | sha256sum | cut -c1-16
+  sha256sum <"$KAFKA_CONF_DIR/pom.xml" | cut -c1-16
 }
 
 # Jars: resolved once per version into the cache; the marker records the pom they came from.
@@ -108,7 +108,7 @@ ensure_libs() {
   mkdir -p "$CACHE_DIR"
   tmp="$(mktemp -d "$CACHE_DIR/libs.tmp.XXXXXX")"
   local -a mvn_args=(-B -q -f "$KAFKA_CONF_DIR/pom.xml" "-Dkafka.version=$KAFKA_VERSION")
-  [ "$LEGACY_LOGGING" = 1 ] && mvn_args+=(-Dnbv.legacyLogging=true)
+  if [ "$LEGACY_LOGGING" = 1 ]; then mvn_args+=(-Dnbv.legacyLogging=true); fi
   # shellcheck disable=SC2086  # MAVEN_ARGS is a user-supplied word list
   if ! (cd "$KAFKA_CONF_DIR" && mvn "${mvn_args[@]}" ${MAVEN_ARGS:-} \
         org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
@@ -124,18 +124,16 @@ ensure_libs() {
   log "cached $(find "$LIBS_DIR" -name '*.jar' | wc -l) jars"
 }
 
-java_opts() {
-  JAVA_OPTS=(-Xms"$HEAP" -Xmx"$HEAP" -XX:+UseSerialGC -Djava.awt.headless=true)
-  if [ "$LEGACY_LOGGING" = 1 ]; then
-    JAVA_OPTS+=("-Dlog4j.configuration=file:$KAFKA_CONF_DIR/log4j.properties")
-  else
-    JAVA_OPTS+=("-Dlog4j2.configurationFile=$KAFKA_CONF_DIR/log4j2.properties")
-  fi
-}
+if [ "$LEGACY_LOGGING" = 1 ]; then
+  LOG_OPT="-Dlog4j.configuration=file:$KAFKA_CONF_DIR/log4j.properties"
+else
+  LOG_OPT="-Dlog4j2.configurationFile=$KAFKA_CONF_DIR/log4j2.properties"
+fi
+JAVA_OPTS=(-Xms"$HEAP" -Xmx"$HEAP" -XX:+UseSerialGC -Djava.awt.headless=true "$LOG_OPT")
 
 storage_tool() {
-  java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
-    "${JAVA_OPTS[@]:4}" -cp "$LIBS_DIR/*" kafka.tools.StorageTool "$@"
+  java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 "$LOG_OPT" \
+    -cp "$LIBS_DIR/*" kafka.tools.StorageTool "$@"
 }
 
 # A Kafka Uuid as StorageTool random-uuid makes it: 16 random bytes, URL-safe base64 without
@@ -228,17 +226,25 @@ cmd_start() {
   ensure_libs
   command -v java >/dev/null 2>&1 || ensure_tools
   mkdir -p "$KDIR"
-  java_opts
   write_config
   ensure_storage
 
   [ -f "$LOG_FILE" ] && mv -f "$LOG_FILE" "$LOG_FILE.1"
   log "starting Kafka $KAFKA_VERSION on 127.0.0.1:$PORT (controller :$CONTROLLER_PORT, state $KDIR)"
-  # setsid: own session, so the broker outlives the caller's terminal / process group.
-  (cd "$KDIR" && exec setsid nohup java "${JAVA_OPTS[@]}" -cp "$LIBS_DIR/*" \
-      kafka.Kafka "$CONFIG_FILE" >"$LOG_FILE" 2>&1 </dev/null) &
-  local pid=$!
-  printf '%s\n' "$pid" >"$PID_FILE"
+  # setsid: own session, so the broker outlives the caller's terminal and process group. The
+  # small bash writes its own pid and execs java, so the pid file names the JVM itself.
+  rm -f "$PID_FILE"
+  # shellcheck disable=SC2016  # $$ and $@ expand in that inner bash, not here
+  (cd "$KDIR" && exec setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$PID_FILE" \
+      java "${JAVA_OPTS[@]}" -cp "$LIBS_DIR/*" kafka.Kafka "$CONFIG_FILE" \
+      >"$LOG_FILE" 2>&1 </dev/null) &
+  local pid="" _
+  for _ in $(seq 1 50); do
+    pid="$(cat "$PID_FILE" 2>/dev/null || true)"
+    [[ "$pid" =~ ^[0-9]+$ ]] && break
+    sleep 0.1
+  done
+  [[ "$pid" =~ ^[0-9]+$ ]] || { log_tail; die "broker did not start (no pid file)"; }
   wait_ready "$pid"
   log "ready on 127.0.0.1:$PORT (pid $pid, $((SECONDS - t0))s)"
 }

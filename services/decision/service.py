@@ -59,7 +59,7 @@ class DecisionService:
             load_champion(settings.model_dir), settings.exploration_epsilon, settings.decision_seed
         )
         self._worker = runtime.worker(
-            topics=["triggers"], group="nbv-decision", handler=self.handle_triggers
+            topics=["triggers"], group="decision", handler=self.handle_triggers
         )
         self.router = APIRouter(tags=["decision"])
         self.router.add_api_route("/v1/next-best-value", self.next_best_value, methods=["GET"])

@@ -73,7 +73,7 @@ class DeliveryService:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
         self._worker = runtime.worker(
-            topics=["decisions"], group="nbv-delivery", handler=self.handle_decisions
+            topics=["decisions"], group="delivery", handler=self.handle_decisions
         )
         self.router = APIRouter(tags=["delivery"])
         self.router.add_api_route("/v1/users/{user_id}/inbox", self.inbox, methods=["GET"])

@@ -38,7 +38,7 @@ class IngestService:
         self._rt = runtime
         self._projector = Projector(runtime)
         self._worker = runtime.worker(
-            topics=["events"], group="nbv-projector", handler=self._projector.handle
+            topics=["events"], group="projector", handler=self._projector.handle
         )
         self.router = APIRouter(tags=["ingest"])
         self.router.add_api_route(

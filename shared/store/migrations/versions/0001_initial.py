@@ -1,8 +1,8 @@
-"""initial schema
+"""initial
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 09:45:41.640293
+Create Date: 2026-11-23 09:51:17.605702
 """
 
 from collections.abc import Sequence

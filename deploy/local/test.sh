@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need (Python deps, PostgreSQL, Kafka), starts the
+# real PostgreSQL and Kafka broker if none is running, then lint, type-check and the suite.
+# Extra arguments go to pytest (e.g. deploy/local/test.sh -k loop).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+say() { printf '[nbv] %s\n' "$*"; }
+
+bash deploy/local/bootstrap.sh
+bash deploy/local/infra.sh up
+# shellcheck disable=SC1091
+source "${NBV_STATE_DIR:-$root/.nbv}/infra.env"
+export NBV_TEST_DATABASE_URL="$NBV_DATABASE_URL" NBV_TEST_KAFKA_BOOTSTRAP="$NBV_KAFKA_BOOTSTRAP"
+export NBV_REQUIRE_INFRA=1
+unset NBV_DATABASE_URL NBV_KAFKA_BOOTSTRAP
+
+say "ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+say "mypy"
+.venv/bin/mypy .
+say "pytest"
+.venv/bin/python -m pytest -q "$@"

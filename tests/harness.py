@@ -1,0 +1,86 @@
+"""Run NBV as real processes (the way users run it) and wait on them, for e2e tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+T = TypeVar("T")
+NBV = [sys.executable, "-m", "services.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceProcess:
+    def __init__(self, args: list[str], env: dict[str, str], log_dir: Path, name: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"{name}.log"
+        full_env = {**os.environ, **env, "NBV_PORT": str(self.port), "NBV_HOST": "127.0.0.1"}
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [*NBV, *args], env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    async def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=2) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"process exited early:\n{self.log_tail()}")
+                try:
+                    if (await client.get(f"{self.url}/readyz")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"{self.url} not ready in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30) -> bool:
+        """SIGTERM; True if the process shut down gracefully (drained, committed, closed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        # uvicorn re-raises SIGTERM after a clean shutdown, so -15 is a normal exit here.
+        clean_exit = self.proc.returncode in (0, -signal.SIGTERM)
+        return clean_exit and '"message": "stopped"' in self.log_path.read_text(errors="replace")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    *,
+    timeout: float = 30,
+    what: str = "condition",
+) -> T:
+    """Poll until ``done(probe())``; fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    value = await probe()
+    while not done(value):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last value: {value!r}")
+        await asyncio.sleep(0.1)
+        value = await probe()
+    return value
