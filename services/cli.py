@@ -1,9 +1,15 @@
-"""The ``nbv`` command."""
+"""The ``nbv`` command.
+
+Each service contributes its own subcommands from ``services/<name>/commands.py``: a
+``register(sub)`` function that adds parsers with ``set_defaults(handler=fn)``, where
+``fn(args, settings) -> int``. List the module in ``COMMAND_MODULES``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -12,8 +18,10 @@ import uvicorn
 from shared.logging import configure_logging
 from shared.settings import BusKind, Settings
 
+COMMAND_MODULES: list[str] = []
 
-def _serve(settings: Settings, services: Sequence[str]) -> None:
+
+def _serve(settings: Settings, services: Sequence[str]) -> int:
     from services.app import build_app
 
     configure_logging(settings.log_level, "+".join(services))
@@ -26,9 +34,26 @@ def _serve(settings: Settings, services: Sequence[str]) -> None:
         access_log=False,
         timeout_graceful_shutdown=20,
     )
+    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    return _serve(settings, ["ingest", "decision", "delivery"])
+
+
+def _serve_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    return _serve(settings, args.services)
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.store.db import migrate
+
+    configure_logging(settings.log_level, "migrate")
+    asyncio.run(migrate(settings.resolved_database_url))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbv", description="Next Best Value service")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -37,32 +62,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument(
         "--bus", choices=[b.value for b in BusKind], help="embedded (default) or kafka"
     )
+    run.set_defaults(handler=_run)
 
     serve = sub.add_parser("serve", help="run one or more services (scaled-out mode)")
     serve.add_argument("services", nargs="+", choices=["ingest", "decision", "delivery"])
     serve.add_argument("--port", type=int)
+    serve.set_defaults(handler=_serve_cmd)
 
-    sub.add_parser("migrate", help="bring the database schema up to date")
+    sub.add_parser("migrate", help="bring the database schema up to date").set_defaults(
+        handler=_migrate
+    )
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     overrides: dict[str, object] = {}
     if getattr(args, "port", None):
         overrides["port"] = args.port
     if getattr(args, "bus", None):
         overrides["bus"] = args.bus
     settings = Settings(**overrides)  # type: ignore[arg-type]
-
-    if args.command == "migrate":
-        from shared.store.db import migrate
-
-        configure_logging(settings.log_level, "migrate")
-        asyncio.run(migrate(settings.resolved_database_url))
-        return 0
-    if args.command == "run":
-        _serve(settings, ["ingest", "decision", "delivery"])
-        return 0
-    _serve(settings, args.services)
-    return 0
+    return int(args.handler(args, settings))
 
 
 if __name__ == "__main__":

@@ -280,7 +280,11 @@ cmd_status() {
   local pid=""
   pid="$(our_pid || true)"
   if port_open "$PORT"; then
-    log "running on 127.0.0.1:$PORT${pid:+ (pid $pid)}${pid:- (not started by this script)}; version $KAFKA_VERSION, state $KDIR"
+    if [ -n "$pid" ]; then
+      log "running on 127.0.0.1:$PORT (pid $pid, Kafka $KAFKA_VERSION, state $KDIR)"
+    else
+      log "127.0.0.1:$PORT accepts connections (not started by this script)"
+    fi
     return 0
   fi
   if [ -n "$pid" ]; then

@@ -12,7 +12,7 @@ from services.decision.library import (
 )
 from services.decision.rules import evaluate
 from services.ingest.view import new_user
-from shared.envelope import Channel, Role
+from shared.envelope import Channel, Event, Role
 from tests.factories import event
 
 LIBRARY = load_library(DEFAULT_LIBRARY)
@@ -52,7 +52,9 @@ def test_unknown_prerequisite_is_refused(tmp_path: Path) -> None:
         load_library(bad)
 
 
-def _verdicts(user_events: list, channel: Channel | None = Channel.IN_APP) -> dict[str, str | None]:
+def _verdicts(
+    user_events: list[Event], channel: Channel | None = Channel.IN_APP
+) -> dict[str, str | None]:
     from services.ingest.view import apply_to_user
 
     user = new_user(user_events[0])

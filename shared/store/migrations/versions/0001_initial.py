@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 09:51:17.605702
+Create Date: 2026-11-23 09:52:19.078330
 """
 
 from collections.abc import Sequence
@@ -122,6 +122,27 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("consumer", "event_id", name=op.f("pk_processed_events")),
     )
     op.create_table(
+        "scheduled_jobs",
+        sa.Column("key", sa.String(length=300), nullable=False),
+        sa.Column("kind", sa.String(length=100), nullable=False),
+        sa.Column("due_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column(
+            "payload",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("locked_until", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("created_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("key", name=op.f("pk_scheduled_jobs")),
+    )
+    with op.batch_alter_table("scheduled_jobs", schema=None) as batch_op:
+        batch_op.create_index("ix_scheduled_jobs_due", ["status", "due_at"], unique=False)
+
+    op.create_table(
         "user_views",
         sa.Column("user_id", sa.String(length=200), nullable=False),
         sa.Column("account_id", sa.String(length=200), nullable=False),
@@ -188,6 +209,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_user_views_account_id"))
 
     op.drop_table("user_views")
+    with op.batch_alter_table("scheduled_jobs", schema=None) as batch_op:
+        batch_op.drop_index("ix_scheduled_jobs_due")
+
+    op.drop_table("scheduled_jobs")
     op.drop_table("processed_events")
     with op.batch_alter_table("interventions", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_interventions_user_id"))
