@@ -44,7 +44,8 @@ async def test_jobs_fire_once_retry_after_lease_and_cancel(tmp_path: Path) -> No
     assert await worker.run_due(NOW + timedelta(days=5)) == 1  # "later"; step2 was cancelled
     assert ran == ["renewal:acme:90", "flaky", "later"]
     async with sessions() as s:
-        status = dict((await s.execute(select(ScheduledJob.key, ScheduledJob.status))).all())
+        rows = (await s.execute(select(ScheduledJob.key, ScheduledJob.status))).all()
+    status = {key: value for key, value in rows}
     assert status == {
         "renewal:acme:90": "done",
         "flaky": "done",
