@@ -12,7 +12,9 @@
 #
 # Env: NBV_KAFKA_VERSION (default below), NBV_KAFKA_PORT (9092), NBV_KAFKA_CONTROLLER_PORT (9093),
 #      NBV_STATE_DIR (<repo>/.nbv), NBV_CACHE_DIR ($HOME/.cache/nbv), NBV_KAFKA_HEAP (512m),
-#      NBV_KAFKA_START_TIMEOUT (120), NBV_KAFKA_STOP_TIMEOUT (60), MAVEN_ARGS (extra mvn args).
+#      NBV_KAFKA_START_TIMEOUT (120), NBV_KAFKA_STOP_TIMEOUT (60),
+#      NBV_MAVEN_REPO_LOCAL (Maven local repo; default: Maven's own, ~/.m2/repository),
+#      MAVEN_ARGS (extra mvn args).
 set -euo pipefail
 
 # The one place the Kafka version is pinned (aiokafka 0.14.0 verified against it).
@@ -68,6 +70,18 @@ esac
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# A real Kafka answer: send ApiVersions v0 (api key 18, correlation id 1, null client id) and
+# expect a response carrying correlation id 1. Needs no client library.
+kafka_answers() {
+  local reply
+  # shellcheck disable=SC2016  # $1 expands in the inner bash
+  reply="$(timeout 5 bash -c '
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf "\x00\x00\x00\x0a\x00\x12\x00\x00\x00\x00\x00\x01\xff\xff" >&3
+    head -c 8 <&3 | od -An -tx1' _ "$1" 2>/dev/null | tr -d ' \n')" || return 1
+  [ "${#reply}" -eq 16 ] && [ "${reply:8:8}" = "00000001" ]
+}
+
 # Pid of *our* broker: from the pid file, checked against /proc so a recycled pid is ignored.
 our_pid() {
   local pid
@@ -107,7 +121,8 @@ ensure_libs() {
   log "resolving kafka_2.13:$KAFKA_VERSION jars with Maven into $LIBS_DIR"
   mkdir -p "$CACHE_DIR"
   tmp="$(mktemp -d "$CACHE_DIR/libs.tmp.XXXXXX")"
-  local -a mvn_args=(-B -q -f "$KAFKA_CONF_DIR/pom.xml" "-Dkafka.version=$KAFKA_VERSION")
+  local -a mvn_args=(-B -q -Dstyle.color=never -f "$KAFKA_CONF_DIR/pom.xml" "-Dkafka.version=$KAFKA_VERSION")
+  if [ -n "${NBV_MAVEN_REPO_LOCAL:-}" ]; then mvn_args+=("-Dmaven.repo.local=$NBV_MAVEN_REPO_LOCAL"); fi
   if [ "$LEGACY_LOGGING" = 1 ]; then mvn_args+=(-Dnbv.legacyLogging=true); fi
   # shellcheck disable=SC2086  # MAVEN_ARGS is a user-supplied word list
   if ! (cd "$KAFKA_CONF_DIR" && mvn "${mvn_args[@]}" ${MAVEN_ARGS:-} \
@@ -191,7 +206,7 @@ wait_ready() {
       log_tail
       die "broker process $pid exited during startup"
     fi
-    if grep -q "Kafka Server started" "$LOG_FILE" 2>/dev/null && port_open "$PORT"; then
+    if grep -q "Kafka Server started" "$LOG_FILE" 2>/dev/null && kafka_answers "$PORT"; then
       return 0
     fi
     if [ "$SECONDS" -ge "$deadline" ]; then
@@ -205,9 +220,15 @@ wait_ready() {
 cmd_start() {
   if port_open "$PORT"; then
     if pid="$(our_pid)"; then
+      if ! kafka_answers "$PORT"; then
+        log "broker pid $pid is starting; waiting"
+        wait_ready "$pid"
+      fi
       log "already running (pid $pid) on 127.0.0.1:$PORT"
+    elif kafka_answers "$PORT"; then
+      log "a Kafka broker already answers on 127.0.0.1:$PORT; reusing it (not started by this script)"
     else
-      log "127.0.0.1:$PORT already accepts connections; reusing it (not started by this script)"
+      die "127.0.0.1:$PORT is taken by something that does not answer as Kafka (set NBV_KAFKA_PORT)"
     fi
     return 0
   fi
@@ -237,7 +258,7 @@ cmd_start() {
   # shellcheck disable=SC2016  # $$ and $@ expand in that inner bash, not here
   (cd "$KDIR" && exec setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$PID_FILE" \
       java "${JAVA_OPTS[@]}" -cp "$LIBS_DIR/*" kafka.Kafka "$CONFIG_FILE" \
-      >"$LOG_FILE" 2>&1 </dev/null) &
+      >"$LOG_FILE" 2>&1 </dev/null 9>&-) &
   local pid="" _
   for _ in $(seq 1 50); do
     pid="$(cat "$PID_FILE" 2>/dev/null || true)"
@@ -301,12 +322,19 @@ cmd_reset() {
   rm -rf "$DATA_DIR" "$CLUSTER_ID_FILE" "$FORMAT_VERSION_FILE"
 }
 
+# One start/stop/reset at a time per state dir (e.g. parallel test workers calling start).
+take_lock() {
+  mkdir -p "$STATE_DIR"
+  exec 9>"$STATE_DIR/.kafka.lock"
+  if command -v flock >/dev/null 2>&1 && ! flock -w 300 9; then die "timed out waiting for $STATE_DIR/.kafka.lock"; fi
+}
+
 case "${1:-}" in
-  start) cmd_start ;;
-  stop) cmd_stop ;;
-  restart) cmd_stop; cmd_start ;;
+  start) take_lock; cmd_start ;;
+  stop) take_lock; cmd_stop ;;
+  restart) take_lock; cmd_stop; cmd_start ;;
   status) cmd_status ;;
-  reset) cmd_reset ;;
+  reset) take_lock; cmd_reset ;;
   bootstrap) printf '127.0.0.1:%s\n' "$PORT" ;;
   version) printf '%s\n' "$KAFKA_VERSION" ;;
   *) printf 'usage: %s start|stop|restart|status|reset|bootstrap|version\n' "$0" >&2; exit 2 ;;

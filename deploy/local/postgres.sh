@@ -73,7 +73,7 @@ choose_dirs() {
     mkdir -p "$STATE_DIR"
     if ! runuser -u postgres -- test -x "$STATE_DIR"; then
       local hash
-      hash="$(printf '%s' "$REPO_ROOT" | sha256sum | cut -c1-12)"
+      hash="$(printf '%s' "$STATE_DIR" | sha256sum | cut -c1-12)"
       PG_DIR="/var/tmp/nbv-$hash/pg"
       log "user postgres cannot traverse $STATE_DIR; using $PG_DIR"
       mkdir -p "/var/tmp/nbv-$hash"
@@ -90,7 +90,8 @@ choose_dirs() {
 }
 
 # Run a command as the cluster owner, from a directory that user can read.
-pgrun() { (cd / && "${RUN_AS[@]}" "$@"); }
+# fd 9 (our lock) is closed so a server started from here does not hold it.
+pgrun() { (cd / && "${RUN_AS[@]}" "$@" 9>&-); }
 
 log_tail() {
   if [ -f "$LOG_FILE" ]; then
@@ -237,12 +238,19 @@ cmd_reset() {
   rm -rf "$PG_DIR"
 }
 
+# One start/stop/reset at a time per state dir (e.g. parallel test workers calling start).
+take_lock() {
+  mkdir -p "$STATE_DIR"
+  exec 9>"$STATE_DIR/.pg.lock"
+  if command -v flock >/dev/null 2>&1 && ! flock -w 300 9; then die "timed out waiting for $STATE_DIR/.pg.lock"; fi
+}
+
 case "${1:-}" in
-  start) cmd_start ;;
-  stop) cmd_stop ;;
-  restart) cmd_stop; cmd_start ;;
+  start) take_lock; cmd_start ;;
+  stop) take_lock; cmd_stop ;;
+  restart) take_lock; cmd_stop; cmd_start ;;
   status) cmd_status ;;
   url) printf 'postgresql+asyncpg://%s:%s@127.0.0.1:%s/nbv\n' "$PG_USER" "$PG_PASSWORD" "$PORT" ;;
-  reset) cmd_reset ;;
+  reset) take_lock; cmd_reset ;;
   *) printf 'usage: %s start|stop|restart|status|url|reset\n' "$0" >&2; exit 2 ;;
 esac
