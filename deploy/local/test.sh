@@ -8,6 +8,22 @@ cd "$root"
 say() { printf '[nbv] %s\n' "$*"; }
 
 bash deploy/local/bootstrap.sh
+
+# Tools some tests drive for real: promtool/prometheus (alert rules, metrics lint, scraping).
+missing=()
+command -v promtool >/dev/null || missing+=(prometheus)
+if ((${#missing[@]})); then
+  say "installing Debian packages: ${missing[*]}"
+  sudo_cmd=""; [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && sudo_cmd="sudo"
+  # policy-rc.d keeps the package's own server from starting on :9090.
+  if [[ -z "$sudo_cmd" && $(id -u) -eq 0 && ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
 bash deploy/local/infra.sh up
 # shellcheck disable=SC1091
 source "${NBV_STATE_DIR:-$root/.nbv}/infra.env"
