@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared import tracing
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
 from shared.runtime import Runtime, Service
 from shared.store.db import migrate, ping
@@ -52,6 +53,60 @@ class MetricsMiddleware:
             method = scope["method"]
             HTTP_REQUESTS.labels(self.service, path, method, str(status)).inc()
             HTTP_DURATION.labels(self.service, path, method).observe(time.perf_counter() - start)
+
+
+# Probes and scrapes: a log line each would drown the requests that matter.
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class TracingMiddleware:
+    """Runs each request in a trace context (from ``X-Request-ID`` / ``traceparent``, else new),
+    answers with the trace id in ``X-Request-ID``, and logs one line per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        ctx = tracing.from_http_headers(headers)
+        assert ctx.trace_id is not None
+        request_id = ctx.trace_id.encode()
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *(h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"),
+                    (b"x-request-id", request_id),
+                ]
+            await send(message)
+
+        with tracing.use(ctx):
+            try:
+                await self.app(scope, receive, send_wrapper)
+            except Exception:
+                # Logged here as well as by the server: only here does the line carry the trace.
+                log.exception("unhandled error", extra={"method": scope["method"]})
+                raise
+            finally:
+                if scope["path"] not in _QUIET_PATHS:
+                    route = scope.get("route")
+                    log.info(
+                        "request",
+                        extra={
+                            "method": scope["method"],
+                            # The template, not the raw path: ids in paths may be personal.
+                            "route": getattr(route, "path", "unmatched"),
+                            "status": status,
+                            "duration_ms": round((time.perf_counter() - start) * 1000, 1),
+                        },
+                    )
 
 
 def _field_path(loc: Sequence[Any]) -> str:
@@ -126,6 +181,8 @@ def create_app(runtime: Runtime, factories: Sequence[ServiceFactory]) -> FastAPI
     app.add_exception_handler(OperationalError, _store_unavailable)
     app.add_exception_handler(InterfaceError, _store_unavailable)
     app.add_middleware(MetricsMiddleware, service=name)
+    # Added last, so outermost: everything below, error handlers included, runs in the trace.
+    app.add_middleware(TracingMiddleware)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -44,6 +44,7 @@ class Runtime:
             dead_letter_topic=self.topic("dead-letter"),
             batch_size=self.settings.consumer_batch_size,
             poll_ms=self.settings.consumer_poll_ms,
+            lag_interval_s=self.settings.consumer_lag_interval_s,
         )
         self.workers.append(worker)
         return worker

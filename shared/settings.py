@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,6 +45,78 @@ class Settings(BaseSettings):
     model_dir: Path = Path("models/registry")
     exploration_epsilon: float = Field(default=0.1, ge=0.0, le=1.0)
     decision_seed: int | None = None
+
+    # Delivery: email (SMTP), tracked links, the CSM webhook, retries and the live inbox.
+    public_url: str = "http://127.0.0.1:8000"
+    product_name: str = "your workspace"
+    product_url: str = Field(default="", description="base for relative resource links")
+    signing_secret: SecretStr = SecretStr("")
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    smtp_from: str = "NBV <nbv@localhost>"
+    smtp_timeout_s: float = Field(default=10.0, gt=0)
+    csm_webhook_url: str = ""
+    csm_webhook_format: Literal["json", "slack"] = "json"
+    webhook_secret: SecretStr = SecretStr("")
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    csm_sla_hours: int = Field(default=48, ge=1)
+    delivery_max_attempts: int = Field(default=8, ge=1)
+    delivery_retry_base_s: float = Field(default=2.0, gt=0)
+    delivery_retry_max_s: float = Field(default=600.0, gt=0)
+    delivery_poll_s: float = Field(default=0.25, gt=0)
+    inbox_stream_poll_s: float = Field(default=1.0, gt=0)
+    inbox_stream_keepalive_s: float = Field(default=15.0, gt=0)
+    snooze_hours: float = Field(default=24.0, gt=0)
+
+    # Decision engine: exploration, hot reloads and the contact policy (docs/decision.md).
+    exploration_policy: Literal["epsilon_greedy", "softmax"] = "epsilon_greedy"
+    exploration_temperature: float = Field(default=0.1, gt=0)
+    model_poll_s: float = Field(default=5.0, gt=0)
+    library_poll_s: float = Field(default=5.0, gt=0)
+    playbook_dir: Path | None = None
+    # Items per person per channel; a channel not listed is not capped.
+    contact_cap_per_day: dict[str, int] = {"email": 1, "csm": 1, "in_app": 30}
+    contact_cap_per_week: dict[str, int] = {"email": 3, "csm": 2, "in_app": 100}
+    dismissal_suppression_hours: float = Field(default=72.0, ge=0)
+    quiet_hours_start: str = Field(default="21:00", pattern=r"^\d{2}:\d{2}$")
+    quiet_hours_end: str = Field(default="08:00", pattern=r"^\d{2}:\d{2}$")
+    csm_alerts_per_day: int = Field(default=20, ge=0)
+    # Account → CSM owner; accounts not listed belong to csm_default_owner.
+    csm_owners: dict[str, str] = {}
+    csm_default_owner: str = "cs-team"
+
+    # Ingest: sources, the customer view's windows and scores, triggers (docs/ingest.md).
+    stripe_webhook_secret: SecretStr = SecretStr("")
+    stripe_tolerance_s: int = Field(default=300, ge=1)
+    # How late an event may arrive and still be counted in its own day's usage bucket.
+    max_lateness: timedelta = timedelta(days=2)
+    inactivity_days: int = Field(default=7, ge=1)
+    usage_drop_pct: float = Field(default=50.0, gt=0, le=100)
+    ticket_spike_7d: int = Field(default=3, ge=1)
+    renewal_notice_days: list[int] = [180, 120, 90]
+    onboarding_check_days: int = Field(default=30, ge=1)
+    health_weights: dict[str, float] = {
+        "usage_breadth": 0.2,
+        "usage_depth": 0.25,
+        "payment": 0.2,
+        "support": 0.15,
+        "sentiment": 0.2,
+    }
+    engagement_weights: dict[str, float] = {
+        "active_users": 0.35,
+        "active_days": 0.3,
+        "trend": 0.15,
+        "responsiveness": 0.2,
+    }
+    health_red_below: float = Field(default=40.0, ge=0, le=100)
+    health_green_from: float = Field(default=70.0, ge=0, le=100)
+    ingest_scheduler_poll_s: float = Field(default=1.0, gt=0)
+
+    # Operations: how often each consumer reports its lag (nbv_consumer_lag_records).
+    consumer_lag_interval_s: float = Field(default=10.0, gt=0)
 
     @property
     def resolved_database_url(self) -> str:

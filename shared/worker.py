@@ -4,6 +4,11 @@ A batch is committed only after its handler returned, i.e. after its effects are
 Transient failures (store or broker unreachable) retry the same batch with backoff; any other
 failure is narrowed down record by record, and the records that still fail go to the
 dead-letter topic with the reason, so one poison message never stops the stream.
+
+Each batch is handled inside the trace context its records carry in their headers (see
+shared/tracing.py), so the handler's log lines and the messages it publishes keep the ids.
+Consumer lag is reported on a timer of its own: it must keep moving while the loop is stuck
+retrying a batch, which is exactly when lag grows.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from shared import tracing
 from shared.bus.base import Bus, Consumer, Message, Record
 from shared.metrics import CONSUMER_LAG, CONSUMER_RECORDS, DEAD_LETTERS
 
@@ -49,6 +55,7 @@ class ConsumerWorker:
         batch_size: int = 500,
         poll_ms: int = 200,
         max_backoff_s: float = 10.0,
+        lag_interval_s: float = 10.0,
     ) -> None:
         self.group = group
         self._bus = bus
@@ -58,8 +65,11 @@ class ConsumerWorker:
         self._batch_size = batch_size
         self._poll_ms = poll_ms
         self._max_backoff_s = max_backoff_s
+        self._lag_interval_s = lag_interval_s
+        self._lag_series: set[tuple[str, int]] = set()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
         self._consumer: Consumer | None = None
         self.started = asyncio.Event()
 
@@ -67,6 +77,7 @@ class ConsumerWorker:
         self._consumer = self._bus.consumer(self._topics, self.group)
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.group}")
+        self._lag_task = asyncio.create_task(self._lag_loop(), name=f"lag:{self.group}")
         self.started.set()
 
     async def stop(self) -> None:
@@ -75,6 +86,12 @@ class ConsumerWorker:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._lag_task is not None:
+            # Not awaited to its end: a lag query to an unreachable broker must not hold up
+            # the shutdown, and nothing is lost by cutting it short.
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
         if self._consumer is not None:
             await self._consumer.stop()
 
@@ -85,7 +102,6 @@ class ConsumerWorker:
     async def _run(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
-        lag_every = 0
         while not self._stopping.is_set():
             try:
                 records = await consumer.fetch(self._batch_size, self._poll_ms)
@@ -97,9 +113,6 @@ class ConsumerWorker:
                 if not await self._process(records):
                     return  # stopping while the batch could not be made durable
                 await self._commit(consumer)
-            lag_every += 1
-            if lag_every % 25 == 0:
-                await self._report_lag(consumer)
 
     async def _commit(self, consumer: Consumer) -> None:
         backoff = 0.2
@@ -115,11 +128,25 @@ class ConsumerWorker:
                 backoff = min(backoff * 2, self._max_backoff_s)
 
     async def _process(self, records: Sequence[Record]) -> bool:
+        with tracing.use(tracing.for_records(records)):
+            return await self._process_traced(records)
+
+    async def _process_traced(self, records: Sequence[Record]) -> bool:
         backoff = 0.2
         while True:
             try:
                 await self._handler(records)
                 CONSUMER_RECORDS.labels(self.group, "ok").inc(len(records))
+                log.info(
+                    "records handled",
+                    extra={
+                        "group": self.group,
+                        "topic": records[0].topic,
+                        "partition": records[0].partition,
+                        "offset": records[0].offset,
+                        "count": len(records),
+                    },
+                )
                 return True
             except Exception as exc:
                 if is_transient(exc):
@@ -169,13 +196,27 @@ class ConsumerWorker:
             },
         )
 
+    async def _lag_loop(self) -> None:
+        assert self._consumer is not None
+        while not self._stopping.is_set():
+            await self._report_lag(self._consumer)
+            await self._sleep(self._lag_interval_s)
+
     async def _report_lag(self, consumer: Consumer) -> None:
         try:
-            lag = await consumer.lag()
-        except Exception:
+            lag = await asyncio.wait_for(consumer.lag(), timeout=max(5.0, self._lag_interval_s))
+        except Exception as exc:
+            # Unknown now (broker away, rebalance): keep the last values rather than show 0.
+            log.debug("lag unavailable", extra={"group": self.group, "error": repr(exc)})
             return
         for (topic, partition), value in lag.items():
             CONSUMER_LAG.labels(self.group, topic, str(partition)).set(value)
+        # Partitions moved to another member after a rebalance: that member reports them now,
+        # and a frozen value here would keep a lag alert firing for nothing.
+        for topic, partition in self._lag_series - lag.keys():
+            with contextlib.suppress(KeyError):
+                CONSUMER_LAG.remove(self.group, topic, str(partition))
+        self._lag_series = set(lag)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

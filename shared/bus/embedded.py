@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from shared import tracing
 from shared.bus.base import Bus, Consumer, Message, Record
 
 _SCHEMA = """
@@ -107,6 +108,7 @@ class EmbeddedBus(Bus):
         if not messages:
             return
         db = self._conn()
+        messages = tracing.inject(messages)
         now = int(time.time() * 1000)
         async with self._lock:
             start = self._next_offset.get(topic, 0)

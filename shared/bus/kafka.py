@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from shared import tracing
 from shared.bus.base import Bus, Consumer, Message, Record
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class KafkaBus(Bus):
     async def publish(self, topic: str, messages: Sequence[Message]) -> None:
         if self._producer is None:
             raise RuntimeError("bus not started")
+        messages = tracing.inject(messages)
         futures = [
             await self._producer.send(
                 topic, value=m.value, key=m.key.encode(), headers=list(m.headers)
