@@ -18,7 +18,12 @@ import uvicorn
 from shared.logging import configure_logging
 from shared.settings import BusKind, Settings
 
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "services.delivery.commands",
+    "services.ingest.commands",
+    "services.decision.commands",
+    "models.lifecycle_commands",
+]
 
 
 def _serve(settings: Settings, services: Sequence[str]) -> int:

@@ -34,6 +34,8 @@ class Outcome(StrEnum):
     CLICKED = "clicked"
     COMPLETED = "completed"
     DISMISSED = "dismissed"
+    # "Not now": the card comes back later; unlike a dismissal it suppresses nothing.
+    SNOOZED = "snoozed"
 
 
 class _Payload(BaseModel):
@@ -51,28 +53,94 @@ class TrackPayload(_Payload):
 class IdentifyPayload(_Payload):
     """Who a user is. Personal fields (email, name) stay in the view, never in logs."""
 
-    email: str | None = None
-    name: str | None = None
+    # Bounded like the view's columns, so an over-long value is refused at the door.
+    email: Annotated[str | None, Field(max_length=320)] = None
+    name: Annotated[str | None, Field(max_length=200)] = None
     role: Role | None = None
-    timezone: str | None = None
+    timezone: Annotated[str | None, Field(max_length=64)] = None
+
+
+SubscriptionStatus = Literal[
+    "active",
+    "trialing",
+    "past_due",
+    "canceled",
+    # Stripe's other states; a subscription in them is not (yet, or any more) paying.
+    "incomplete",
+    "incomplete_expired",
+    "unpaid",
+    "paused",
+]
 
 
 class SubscriptionPayload(_Payload):
     plan: Annotated[str, Field(min_length=1, max_length=100)]
-    status: Literal["active", "trialing", "past_due", "canceled"] = "active"
+    status: SubscriptionStatus = "active"
     mrr: Annotated[float, Field(ge=0)] = 0.0
     renewal_date: datetime | None = None
+    subscription_id: str | None = None
+    customer_id: str | None = None
+
+
+class InvoicePayload(_Payload):
+    """An invoice paid or a payment attempt that failed."""
+
+    invoice_id: Annotated[str, Field(min_length=1, max_length=200)]
+    amount: Annotated[float, Field(ge=0)] = 0.0
+    currency: str | None = None
+    attempt_count: Annotated[int, Field(ge=0)] = 0
+    subscription_id: str | None = None
+
+
+TicketPriority = Literal["low", "normal", "high", "urgent"]
 
 
 class TicketPayload(_Payload):
     ticket_id: Identifier
-    priority: Literal["low", "normal", "high", "urgent"] = "normal"
+    priority: TicketPriority = "normal"
     subject: str | None = None
+    # The product area the question is about, when the support tool tags it: it lowers the
+    # asker's sophistication in that area.
+    feature_area: str | None = None
 
 
 class NpsPayload(_Payload):
     score: Annotated[int, Field(ge=0, le=10)]
     comment: str | None = None
+
+
+class CsatPayload(_Payload):
+    """A customer satisfaction answer on a 1–5 scale (5 = very satisfied)."""
+
+    score: Annotated[int, Field(ge=1, le=5)]
+    ticket_id: Identifier | None = None
+    comment: str | None = None
+
+
+class PagePayload(_Payload):
+    """A page or screen view (Segment ``page``)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    category: str | None = None
+    feature_area: str | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+
+class GroupPayload(_Payload):
+    """A user belongs to an account (Segment ``group``); traits describe the account."""
+
+    name: Annotated[str | None, Field(max_length=200)] = None
+    plan: Annotated[str | None, Field(max_length=100)] = None
+    traits: dict[str, Any] = Field(default_factory=dict)
+
+
+class ContactRolePayload(_Payload):
+    """A CRM change to a contact's role on the account, e.g. a champion who left."""
+
+    role: Role
+    change: Literal["assigned", "removed", "left"] = "assigned"
+    email: str | None = None
+    name: str | None = None
 
 
 class ResponsePayload(_Payload):
@@ -141,6 +209,41 @@ class NpsEvent(_UserEnvelope):
     payload: NpsPayload
 
 
+class PageEvent(_UserEnvelope):
+    type: Literal["product.page"]
+    payload: PagePayload
+
+
+class GroupEvent(_Envelope):
+    type: Literal["account.group"]
+    payload: GroupPayload
+
+
+class InvoicePaidEvent(_Envelope):
+    type: Literal["billing.invoice_paid"]
+    payload: InvoicePayload
+
+
+class PaymentFailedEvent(_Envelope):
+    type: Literal["billing.payment_failed"]
+    payload: InvoicePayload
+
+
+class TicketUpdatedEvent(_Envelope):
+    type: Literal["support.ticket_updated"]
+    payload: TicketPayload
+
+
+class CsatEvent(_Envelope):
+    type: Literal["survey.csat"]
+    payload: CsatPayload
+
+
+class ContactRoleEvent(_UserEnvelope):
+    type: Literal["crm.contact_role"]
+    payload: ContactRolePayload
+
+
 class ResponseEvent(_UserEnvelope):
     type: Literal["nbv.response"]
     payload: ResponsePayload
@@ -159,7 +262,14 @@ Event = Annotated[
     | TicketSolvedEvent
     | NpsEvent
     | ResponseEvent
-    | TriggerEvent,
+    | TriggerEvent
+    | PageEvent
+    | GroupEvent
+    | InvoicePaidEvent
+    | PaymentFailedEvent
+    | TicketUpdatedEvent
+    | CsatEvent
+    | ContactRoleEvent,
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
@@ -171,7 +281,14 @@ InboundEvent = Annotated[
     | SubscriptionEvent
     | TicketOpenedEvent
     | TicketSolvedEvent
-    | NpsEvent,
+    | NpsEvent
+    | PageEvent
+    | GroupEvent
+    | InvoicePaidEvent
+    | PaymentFailedEvent
+    | TicketUpdatedEvent
+    | CsatEvent
+    | ContactRoleEvent,
     Field(discriminator="type"),
 ]
 EVENT_TYPES: tuple[str, ...] = (
@@ -183,6 +300,13 @@ EVENT_TYPES: tuple[str, ...] = (
     "survey.nps",
     "nbv.response",
     "nbv.trigger",
+    "product.page",
+    "account.group",
+    "billing.invoice_paid",
+    "billing.payment_failed",
+    "support.ticket_updated",
+    "survey.csat",
+    "crm.contact_role",
 )
 
 

@@ -43,3 +43,13 @@ DELIVERIES = Counter(
 )
 RESPONSES = Counter("nbv_responses_total", "Responses received", ["outcome", "channel"])
 MODEL_INFO = Gauge("nbv_model_info", "The ranker being served (value 1)", ["version", "kind"])
+DELIVERY_ATTEMPTS = Counter(
+    "nbv_delivery_attempts_total", "Send attempts on external channels", ["channel", "outcome"]
+)
+DELIVERY_LATENCY = Histogram(
+    "nbv_delivery_latency_seconds",
+    "Delay from a decision to its delivery",
+    ["channel"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+INBOX_STREAMS = Gauge("nbv_inbox_streams", "Open in-app live streams")

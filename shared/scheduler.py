@@ -115,6 +115,9 @@ class SchedulerWorker:
             select(ScheduledJob.key)
             .where(
                 ScheduledJob.due_at <= now,
+                # Only the kinds this worker can run: several workers (one per service) share
+                # the table, and a job claimed by a worker without its handler would stall.
+                ScheduledJob.kind.in_(list(self._handlers)),
                 (ScheduledJob.status == "pending")
                 | ((ScheduledJob.status == "running") & (ScheduledJob.locked_until < now)),
             )

@@ -9,9 +9,11 @@ say() { printf '[nbv] %s\n' "$*"; }
 
 bash deploy/local/bootstrap.sh
 
-# Tools some tests drive for real: promtool/prometheus (alert rules, metrics lint, scraping).
+# Tools some tests drive for real: promtool/prometheus (alert rules, metrics lint, scraping)
+# and headless Chromium (the in-app widget as a person sees it).
 missing=()
 command -v promtool >/dev/null || missing+=(prometheus)
+command -v chromium >/dev/null || missing+=(chromium)
 if ((${#missing[@]})); then
   say "installing Debian packages: ${missing[*]}"
   sudo_cmd=""; [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && sudo_cmd="sudo"

@@ -1,70 +1,55 @@
-"""Delivery: decisions → the person's channels (the in-app inbox), responses → the event stream."""
+"""Delivery: decisions → the person's channels (in-app inbox, email, CSM webhook), and every
+response (API, widget, tracked links) → the event stream."""
 
 from __future__ import annotations
 
+import html
 import logging
-import uuid
-from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Annotated, Any
+import secrets
+from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import select
+import httpx
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from shared.bus import Message, Record
-from shared.contracts import DecisionMessage, ElementContent
-from shared.envelope import Channel, Identifier, Outcome, ResponseEvent, ResponsePayload, encode
-from shared.metrics import DELIVERIES, RESPONSES
+from services.delivery.channels.base import Channel as Sender
+from services.delivery.channels.email import EmailChannel
+from services.delivery.channels.webhook import WebhookChannel
+from services.delivery.dispatch import Dispatcher
+from services.delivery.inbox import Inbox, Notifier, list_cards
+from services.delivery.ledger import SEND_JOB, DeliveryOut, Status, list_deliveries, replay
+from services.delivery.links import Links
+from services.delivery.preferences import (
+    Preferences,
+    PreferencesOut,
+    get_preferences,
+    save_preferences,
+)
+from services.delivery.responses import UNSNOOZE_JOB, ResponseAccepted, Responses
+from services.delivery.stream import card_events
+from services.delivery.tracking import Tracking
+from shared.envelope import Channel, Identifier
 from shared.runtime import Runtime
-from shared.store.db import dialect_insert
-from shared.store.models import InboxItem
-from shared.worker import PoisonRecord
+from shared.scheduler import SchedulerWorker
+from shared.store.models import Delivery
 
 log = logging.getLogger(__name__)
 
-OPEN_STATUSES = ("pending", "shown", "clicked")
-# A response never moves an item backwards (a late "shown" after "completed" changes nothing).
-_PROGRESS = {"pending": 0, "shown": 1, "clicked": 2, "completed": 3, "dismissed": 3}
+STATIC = Path(__file__).with_name("static")
+UserId = Annotated[str, PathParam(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@\-]+$")]
 
 
-class InboxCard(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: str
-    decision_id: str
-    element_id: str
-    rank: int
-    score: float
-    status: str
-    reason: str
-    content: ElementContent
-    created_at: datetime
-    updated_at: datetime
-
-
-class Inbox(BaseModel):
-    user_id: str
-    items: list[InboxCard]
-
-
-class ResponseIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: Identifier | None = Field(
-        default=None, description="Idempotency key; defaults to decision:element:outcome"
+def signing_secret(runtime: Runtime) -> bytes:
+    secret = runtime.settings.signing_secret.get_secret_value()
+    if secret:
+        return secret.encode()
+    log.warning(
+        "NBV_SIGNING_SECRET is not set: using a random one, so email links stop working "
+        "after a restart and differ between replicas"
     )
-    user_id: Identifier
-    decision_id: Identifier
-    element_id: Identifier
-    outcome: Outcome
-    channel: Channel = Channel.IN_APP
-    time: datetime | None = None
-
-
-class ResponseAccepted(BaseModel):
-    event_id: str
-    status: str
+    return secrets.token_bytes(32)
 
 
 class DeliveryService:
@@ -72,131 +57,130 @@ class DeliveryService:
 
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
+        settings = runtime.settings
+        if settings.csm_webhook_url and not settings.webhook_secret.get_secret_value():
+            raise ValueError("NBV_CSM_WEBHOOK_URL is set but NBV_WEBHOOK_SECRET is empty")
+        self.notifier = Notifier()
+        self.links = Links(signing_secret(runtime), settings.public_url, settings.product_url)
+        self._http = httpx.AsyncClient(follow_redirects=False)
+        senders: dict[Channel, Sender] = {Channel.EMAIL: EmailChannel(settings, self.links)}
+        if settings.csm_webhook_url:
+            senders[Channel.CSM] = WebhookChannel(settings, self.links, self._http)
+        self.dispatcher = Dispatcher(runtime, senders, self.notifier)
+        self.responses = Responses(runtime, self.notifier)
         self._worker = runtime.worker(
-            topics=["decisions"], group="delivery", handler=self.handle_decisions
+            topics=["decisions"], group="delivery", handler=self.dispatcher.handle_decisions
         )
-        self.router = APIRouter(tags=["delivery"])
-        self.router.add_api_route("/v1/users/{user_id}/inbox", self.inbox, methods=["GET"])
-        self.router.add_api_route(
+        self.scheduler = SchedulerWorker(
+            runtime.sessions,
+            {SEND_JOB: self.dispatcher.run_send, UNSNOOZE_JOB: self.dispatcher.unsnooze},
+            poll_s=settings.delivery_poll_s,
+            # Sends run one after another; a small batch keeps a batch of timeouts well inside
+            # the lease, so a slow receiver never makes a job look abandoned.
+            batch=10,
+        )
+        tracking = Tracking(runtime, self.links, self.responses)
+        r = self.router = APIRouter(tags=["delivery"])
+        r.add_api_route("/v1/users/{user_id}/inbox", self.inbox, methods=["GET"])
+        r.add_api_route("/v1/users/{user_id}/inbox/stream", self.stream, methods=["GET"])
+        r.add_api_route("/v1/users/{user_id}/preferences", self.get_prefs, methods=["GET"])
+        r.add_api_route("/v1/users/{user_id}/preferences", self.put_prefs, methods=["PUT"])
+        r.add_api_route(
             "/v1/responses",
-            self.respond,
+            self.responses.respond,
             methods=["POST"],
             status_code=status.HTTP_202_ACCEPTED,
+            response_model=ResponseAccepted,
         )
+        r.add_api_route("/v1/deliveries", self.deliveries, methods=["GET"])
+        r.add_api_route("/v1/deliveries/{delivery_id}", self.delivery, methods=["GET"])
+        r.add_api_route("/v1/deliveries/{delivery_id}/replay", self.replay_one, methods=["POST"])
+        r.add_api_route("/widget.js", self.widget, methods=["GET"], include_in_schema=False)
+        r.add_api_route("/widget/demo", self.demo, methods=["GET"], include_in_schema=False)
+        r.include_router(tracking.router)
 
     async def start(self) -> None:
         await self._worker.start()
+        await self.scheduler.start()
 
     async def stop(self) -> None:
         await self._worker.stop()
-
-    async def handle_decisions(self, records: Sequence[Record]) -> None:
-        decisions: list[DecisionMessage] = []
-        for record in records:
-            try:
-                decisions.append(DecisionMessage.model_validate_json(record.value))
-            except ValidationError as exc:
-                raise PoisonRecord(f"undecodable decision at offset {record.offset}") from exc
-        # Later decisions for the same (user, element) win within the batch.
-        rows: dict[tuple[str, str], dict[str, Any]] = {}
-        for d in decisions:
-            for item in d.items:
-                if item.channel is not Channel.IN_APP:
-                    DELIVERIES.labels(item.channel.value, "no_channel_adapter").inc()
-                    log.warning(
-                        "channel not delivered by this version",
-                        extra={"decision_id": d.decision_id, "channel": item.channel.value},
-                    )
-                    continue
-                rows[(d.user_id, item.element_id)] = {
-                    "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{d.user_id}/{item.element_id}")),
-                    "user_id": d.user_id,
-                    "account_id": d.account_id,
-                    "element_id": item.element_id,
-                    "decision_id": d.decision_id,
-                    "rank": item.rank,
-                    "score": item.score,
-                    "content": item.content.model_dump(mode="json"),
-                    "status": "pending",
-                    "reason": item.reason,
-                    "created_at": d.created_at,
-                    "updated_at": d.created_at,
-                }
-        if not rows:
-            return
-        stmt = dialect_insert(self._rt.dialect, InboxItem).values(list(rows.values()))
-        # A re-offer refreshes an open card; closed ones (completed, dismissed) stay closed, and a
-        # redelivered older decision never overwrites a newer one.
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["user_id", "element_id"],
-            set_={
-                c: stmt.excluded[c]
-                for c in ("decision_id", "rank", "score", "content", "reason", "updated_at")
-            },
-            where=InboxItem.status.in_(OPEN_STATUSES)
-            & (InboxItem.updated_at <= stmt.excluded.updated_at),
-        )
-        async with self._rt.sessions() as session, session.begin():
-            await session.execute(stmt)
-        DELIVERIES.labels(Channel.IN_APP.value, "delivered").inc(len(rows))
+        await self.scheduler.stop()
+        await self._http.aclose()
 
     async def inbox(
         self,
-        user_id: str,
+        user_id: UserId,
         include_closed: Annotated[bool, Query(description="also completed/dismissed")] = False,
     ) -> Inbox:
-        query = select(InboxItem).where(InboxItem.user_id == user_id)
-        if not include_closed:
-            query = query.where(InboxItem.status.in_(OPEN_STATUSES))
         async with self._rt.sessions() as session:
-            items = (
-                await session.scalars(query.order_by(InboxItem.updated_at.desc(), InboxItem.rank))
-            ).all()
-        return Inbox(user_id=user_id, items=[InboxCard.model_validate(i) for i in items])
+            items = await list_cards(session, user_id, include_closed=include_closed)
+        return Inbox(user_id=user_id, items=items)
 
-    async def respond(self, response: ResponseIn) -> ResponseAccepted:
-        """Record what the person did with a delivered element; it flows back into the view."""
+    async def stream(self, request: Request, user_id: UserId) -> StreamingResponse:
+        """Server-sent events: ``card`` (new or changed, JSON like the inbox items) and
+        ``remove`` (closed); comments keep idle connections open."""
+        return StreamingResponse(
+            card_events(self._rt, self.notifier, request, user_id),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def get_prefs(self, user_id: UserId) -> PreferencesOut:
+        async with self._rt.sessions() as session:
+            return await get_preferences(session, user_id)
+
+    async def put_prefs(self, user_id: UserId, prefs: Preferences) -> PreferencesOut:
+        """Replace the person's preferences (channels not listed stay allowed)."""
         async with self._rt.sessions() as session, session.begin():
-            item = await session.scalar(
-                select(InboxItem).where(
-                    InboxItem.user_id == response.user_id,
-                    InboxItem.element_id == response.element_id,
-                )
+            return await save_preferences(session, self._rt.dialect, user_id, prefs)
+
+    async def deliveries(
+        self,
+        delivery_status: Annotated[Status | None, Query(alias="status")] = None,
+        user_id: Identifier | None = None,
+        decision_id: Identifier | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[DeliveryOut]:
+        """The ledger, newest first; ``status=dead`` lists what needs a replay."""
+        async with self._rt.sessions() as session:
+            return await list_deliveries(
+                session,
+                status=delivery_status.value if delivery_status else None,
+                user_id=user_id,
+                decision_id=decision_id,
+                limit=limit,
             )
-            if item is None:
+
+    async def delivery(self, delivery_id: str) -> DeliveryOut:
+        async with self._rt.sessions() as session:
+            row = await session.get(Delivery, delivery_id)
+        if row is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown delivery {delivery_id!r}")
+        return DeliveryOut.model_validate(row)
+
+    async def replay_one(self, delivery_id: str) -> DeliveryOut:
+        """Re-queue one dead delivery (``nbv deliveries replay`` does many)."""
+        async with self._rt.sessions() as session, session.begin():
+            row = await session.get(Delivery, delivery_id)
+            if row is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown delivery {delivery_id!r}")
+            if row.status != Status.DEAD.value:
                 raise HTTPException(
-                    status.HTTP_404_NOT_FOUND,
-                    f"element_id {response.element_id!r} was never delivered to user_id "
-                    f"{response.user_id!r}",
+                    status.HTTP_409_CONFLICT,
+                    f"delivery {delivery_id!r} is {row.status}; only dead ones are replayed",
                 )
-            event = ResponseEvent(
-                id=response.id
-                or f"{response.decision_id}:{response.element_id}:{response.outcome.value}",
-                source="delivery",
-                type="nbv.response",
-                time=response.time or datetime.now(UTC),
-                account_id=item.account_id,
-                user_id=response.user_id,
-                payload=ResponsePayload(
-                    decision_id=response.decision_id,
-                    element_id=response.element_id,
-                    outcome=response.outcome,
-                    channel=response.channel,
-                ),
-            )
-            # Published first: once it is on the log the response cannot be lost; a retry with
-            # the same id is dropped by the projector.
-            try:
-                await self._rt.bus.publish(
-                    self._rt.topic("events"), [Message(key=event.account_id, value=encode(event))]
-                )
-            except Exception as exc:
-                log.exception("response publish failed")
-                raise HTTPException(
-                    status.HTTP_503_SERVICE_UNAVAILABLE, "event log unavailable"
-                ) from exc
-            if _PROGRESS[response.outcome.value] > _PROGRESS.get(item.status, 0):
-                item.status = response.outcome.value
-                item.updated_at = event.time
-        RESPONSES.labels(response.outcome.value, response.channel.value).inc()
-        return ResponseAccepted(event_id=event.id, status=item.status)
+            await replay(session, self._rt.dialect, ids=[delivery_id])
+        return await self.delivery(delivery_id)
+
+    async def widget(self) -> Response:
+        return Response(
+            (STATIC / "widget.js").read_bytes(),
+            media_type="text/javascript",
+            headers={"Cache-Control": "public, max-age=300"},
+        )
+
+    async def demo(self, user_id: Annotated[Identifier, Query()]) -> HTMLResponse:
+        """A page hosting the widget for one person (for trying it, and for its browser test)."""
+        page = (STATIC / "demo.html").read_text().replace("{{USER_ID}}", html.escape(user_id))
+        return HTMLResponse(page)

@@ -92,6 +92,24 @@ class UserView(Base):
     achieved: Mapped[dict[str, Any]] = mapped_column(default=dict)
     dismissed: Mapped[dict[str, Any]] = mapped_column(default=dict)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The full single customer view (services/ingest/view.py, docs/ingest.md).
+    daily_usage: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    last_active: Mapped[datetime | None]
+    area_events: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    quiz_scores: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    support_questions: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    tickets_opened: Mapped[int] = mapped_column(Integer, default=0)
+    last_csat: Mapped[int | None] = mapped_column(Integer)
+    last_csat_at: Mapped[datetime | None]
+    csat_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    csat_count: Mapped[int] = mapped_column(Integer, default=0)
+    offered: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    interventions: Mapped[list[Any]] = mapped_column(default=list)
+    crm_roles: Mapped[list[Any]] = mapped_column(default=list)
+    left_at: Mapped[datetime | None]
+    milestones: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    identified_at: Mapped[datetime | None]
+    role_at: Mapped[datetime | None]
 
 
 class AccountView(Base):
@@ -108,6 +126,34 @@ class AccountView(Base):
     last_nps: Mapped[int | None] = mapped_column(Integer)
     last_nps_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    name: Mapped[str | None] = mapped_column(String(200))
+    subscription_id: Mapped[str | None] = mapped_column(String(200))
+    customer_id: Mapped[str | None] = mapped_column(String(200))
+    billing_updated_at: Mapped[datetime | None]
+    contract_signed_at: Mapped[datetime | None]
+    payment_failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_payment_failed_at: Mapped[datetime | None]
+    invoices_paid: Mapped[int] = mapped_column(Integer, default=0)
+    last_invoice_paid_at: Mapped[datetime | None]
+    user_count: Mapped[int] = mapped_column(Integer, default=0)
+    daily_usage: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    daily_active_users: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    feature_usage: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    area_last_used: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    tickets_daily: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    tickets_total: Mapped[int] = mapped_column(Integer, default=0)
+    solved_tickets: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    csat_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    csat_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_csat: Mapped[int | None] = mapped_column(Integer)
+    last_csat_at: Mapped[datetime | None]
+    contacts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    responses: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    health_score: Mapped[float | None] = mapped_column(Float)
+    health_band: Mapped[str | None] = mapped_column(String(10))
+    health_components: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    engagement_score: Mapped[float | None] = mapped_column(Float)
+    engagement_components: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class Intervention(Base):
@@ -186,3 +232,85 @@ class ScheduledJob(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+
+
+class Delivery(Base):
+    """The delivery ledger: one row per decision × element × requested channel, written before
+    anything is sent, so a redelivered decision finds its row and sends nothing twice."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        Index("ix_deliveries_status", "status", "updated_at"),
+        Index("ix_deliveries_user", "user_id", "element_id"),
+    )
+    id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    decision_id: Mapped[str] = mapped_column(String(200), index=True)
+    user_id: Mapped[str] = mapped_column(String(200))
+    account_id: Mapped[str] = mapped_column(String(200))
+    element_id: Mapped[str] = mapped_column(String(200))
+    requested_channel: Mapped[str] = mapped_column(String(20))
+    # The channel actually used after preferences and fallbacks; None when skipped.
+    channel: Mapped[str | None] = mapped_column(String(20))
+    # pending → sent | failed (a retry is scheduled) → sent | dead; skipped (nowhere allowed)
+    status: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    # What a resend needs: the decided item and the decision's context.
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]
+
+
+class ChannelPreference(Base):
+    """A person's preference centre: channels, quiet hours and opt-outs."""
+
+    __tablename__ = "channel_preferences"
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    channels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    quiet_hours: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    opted_out_kinds: Mapped[list[Any]] = mapped_column(default=list)
+    opted_out_elements: Mapped[list[Any]] = mapped_column(default=list)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LibraryVersion(Base):
+    """History of the Value Element library: every import or admin edit is a new version,
+    with a snapshot of the elements active from then on."""
+
+    __tablename__ = "library_versions"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    element_count: Mapped[int] = mapped_column(Integer)
+    elements: Mapped[list[Any]]
+
+
+class Contact(Base):
+    """One offered item of a logged decision (decision × element), written with the decision:
+    the history the contact policy counts (caps per channel, cool-downs, CSM load)."""
+
+    __tablename__ = "contacts"
+    __table_args__ = (
+        Index("ix_contacts_user_at", "user_id", "at"),
+        Index("ix_contacts_csm_at", "csm_id", "channel", "at"),
+    )
+    decision_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    element_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200))
+    account_id: Mapped[str] = mapped_column(String(200))
+    csm_id: Mapped[str | None] = mapped_column(String(200))
+    channel: Mapped[str] = mapped_column(String(20))
+    at: Mapped[datetime]
+
+
+class UserAccount(Base):
+    """Which account a user belongs to, from Segment ``group`` calls (and any event that names
+    both): lets a later ``track`` without ``context.groupId`` find its account."""
+
+    __tablename__ = "user_accounts"
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 09:52:19.078330
+Create Date: 2026-11-23 10:28:25.145732
 """
 
 from collections.abc import Sequence
@@ -39,8 +39,125 @@ def upgrade() -> None:
         sa.Column("last_nps", sa.Integer(), nullable=True),
         sa.Column("last_nps_at", shared.store.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("updated_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=True),
+        sa.Column("subscription_id", sa.String(length=200), nullable=True),
+        sa.Column("customer_id", sa.String(length=200), nullable=True),
+        sa.Column(
+            "billing_updated_at", shared.store.models.UTCDateTime(timezone=True), nullable=True
+        ),
+        sa.Column(
+            "contract_signed_at", shared.store.models.UTCDateTime(timezone=True), nullable=True
+        ),
+        sa.Column("payment_failures", sa.Integer(), nullable=False),
+        sa.Column(
+            "last_payment_failed_at", shared.store.models.UTCDateTime(timezone=True), nullable=True
+        ),
+        sa.Column("invoices_paid", sa.Integer(), nullable=False),
+        sa.Column(
+            "last_invoice_paid_at", shared.store.models.UTCDateTime(timezone=True), nullable=True
+        ),
+        sa.Column("user_count", sa.Integer(), nullable=False),
+        sa.Column(
+            "daily_usage",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "daily_active_users",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "feature_usage",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "area_last_used",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "tickets_daily",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("tickets_total", sa.Integer(), nullable=False),
+        sa.Column(
+            "solved_tickets",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("csat_sum", sa.Float(), nullable=False),
+        sa.Column("csat_count", sa.Integer(), nullable=False),
+        sa.Column("last_csat", sa.Integer(), nullable=True),
+        sa.Column("last_csat_at", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column(
+            "contacts",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "responses",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("health_score", sa.Float(), nullable=True),
+        sa.Column("health_band", sa.String(length=10), nullable=True),
+        sa.Column(
+            "health_components",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("engagement_score", sa.Float(), nullable=True),
+        sa.Column(
+            "engagement_components",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
         sa.PrimaryKeyConstraint("account_id", name=op.f("pk_account_views")),
     )
+    op.create_table(
+        "channel_preferences",
+        sa.Column("user_id", sa.String(length=200), nullable=False),
+        sa.Column(
+            "channels",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "quiet_hours",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=True,
+        ),
+        sa.Column(
+            "opted_out_kinds",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "opted_out_elements",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("updated_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("user_id", name=op.f("pk_channel_preferences")),
+    )
+    op.create_table(
+        "contacts",
+        sa.Column("decision_id", sa.String(length=200), nullable=False),
+        sa.Column("element_id", sa.String(length=200), nullable=False),
+        sa.Column("user_id", sa.String(length=200), nullable=False),
+        sa.Column("account_id", sa.String(length=200), nullable=False),
+        sa.Column("csm_id", sa.String(length=200), nullable=True),
+        sa.Column("channel", sa.String(length=20), nullable=False),
+        sa.Column("at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("decision_id", "element_id", name=op.f("pk_contacts")),
+    )
+    with op.batch_alter_table("contacts", schema=None) as batch_op:
+        batch_op.create_index("ix_contacts_csm_at", ["csm_id", "channel", "at"], unique=False)
+        batch_op.create_index("ix_contacts_user_at", ["user_id", "at"], unique=False)
+
     op.create_table(
         "decisions",
         sa.Column("id", sa.String(length=200), nullable=False),
@@ -71,6 +188,37 @@ def upgrade() -> None:
     with op.batch_alter_table("decisions", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_decisions_created_at"), ["created_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_decisions_user_id"), ["user_id"], unique=False)
+
+    op.create_table(
+        "deliveries",
+        sa.Column("id", sa.String(length=300), nullable=False),
+        sa.Column("decision_id", sa.String(length=200), nullable=False),
+        sa.Column("user_id", sa.String(length=200), nullable=False),
+        sa.Column("account_id", sa.String(length=200), nullable=False),
+        sa.Column("element_id", sa.String(length=200), nullable=False),
+        sa.Column("requested_channel", sa.String(length=20), nullable=False),
+        sa.Column("channel", sa.String(length=20), nullable=True),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column(
+            "payload",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("created_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("sent_at", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("next_attempt_at", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_deliveries")),
+    )
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_deliveries_decision_id"), ["decision_id"], unique=False
+        )
+        batch_op.create_index("ix_deliveries_status", ["status", "updated_at"], unique=False)
+        batch_op.create_index("ix_deliveries_user", ["user_id", "element_id"], unique=False)
 
     op.create_table(
         "inbox_items",
@@ -115,6 +263,19 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_interventions_user_id"), ["user_id"], unique=False)
 
     op.create_table(
+        "library_versions",
+        sa.Column("version", sa.Integer(), nullable=False),
+        sa.Column("source", sa.String(length=500), nullable=False),
+        sa.Column("created_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("element_count", sa.Integer(), nullable=False),
+        sa.Column(
+            "elements",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.PrimaryKeyConstraint("version", name=op.f("pk_library_versions")),
+    )
+    op.create_table(
         "processed_events",
         sa.Column("consumer", sa.String(length=50), nullable=False),
         sa.Column("event_id", sa.String(length=200), nullable=False),
@@ -142,6 +303,13 @@ def upgrade() -> None:
     with op.batch_alter_table("scheduled_jobs", schema=None) as batch_op:
         batch_op.create_index("ix_scheduled_jobs_due", ["status", "due_at"], unique=False)
 
+    op.create_table(
+        "user_accounts",
+        sa.Column("user_id", sa.String(length=200), nullable=False),
+        sa.Column("account_id", sa.String(length=200), nullable=False),
+        sa.Column("updated_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("user_id", name=op.f("pk_user_accounts")),
+    )
     op.create_table(
         "user_views",
         sa.Column("user_id", sa.String(length=200), nullable=False),
@@ -181,6 +349,55 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("updated_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column(
+            "daily_usage",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("last_active", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column(
+            "area_events",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "quiz_scores",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "support_questions",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("tickets_opened", sa.Integer(), nullable=False),
+        sa.Column("last_csat", sa.Integer(), nullable=True),
+        sa.Column("last_csat_at", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("csat_sum", sa.Float(), nullable=False),
+        sa.Column("csat_count", sa.Integer(), nullable=False),
+        sa.Column(
+            "offered",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "interventions",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "crm_roles",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("left_at", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column(
+            "milestones",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("identified_at", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("role_at", shared.store.models.UTCDateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("user_id", name=op.f("pk_user_views")),
     )
     with op.batch_alter_table("user_views", schema=None) as batch_op:
@@ -209,11 +426,13 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_user_views_account_id"))
 
     op.drop_table("user_views")
+    op.drop_table("user_accounts")
     with op.batch_alter_table("scheduled_jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_scheduled_jobs_due")
 
     op.drop_table("scheduled_jobs")
     op.drop_table("processed_events")
+    op.drop_table("library_versions")
     with op.batch_alter_table("interventions", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_interventions_user_id"))
         batch_op.drop_index(batch_op.f("ix_interventions_decision_id"))
@@ -223,10 +442,22 @@ def downgrade() -> None:
         batch_op.drop_index("ix_inbox_user_status")
 
     op.drop_table("inbox_items")
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_index("ix_deliveries_user")
+        batch_op.drop_index("ix_deliveries_status")
+        batch_op.drop_index(batch_op.f("ix_deliveries_decision_id"))
+
+    op.drop_table("deliveries")
     with op.batch_alter_table("decisions", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_decisions_user_id"))
         batch_op.drop_index(batch_op.f("ix_decisions_created_at"))
 
     op.drop_table("decisions")
+    with op.batch_alter_table("contacts", schema=None) as batch_op:
+        batch_op.drop_index("ix_contacts_user_at")
+        batch_op.drop_index("ix_contacts_csm_at")
+
+    op.drop_table("contacts")
+    op.drop_table("channel_preferences")
     op.drop_table("account_views")
     # ### end Alembic commands ###

@@ -1,0 +1,1 @@
+"""The external channels delivery sends on (in-app is a write to the inbox, see inbox.py)."""

@@ -1,0 +1,142 @@
+"""Responses — from the API, the widget and tracked email links — back onto the event stream."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from fastapi import HTTPException, status
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from services.delivery.inbox import PROGRESS, Notifier
+from shared.bus import Message
+from shared.envelope import Channel, Identifier, Outcome, ResponseEvent, ResponsePayload, encode
+from shared.metrics import RESPONSES
+from shared.runtime import Runtime
+from shared.scheduler import schedule
+from shared.store.models import Delivery, InboxItem
+
+log = logging.getLogger(__name__)
+
+UNSNOOZE_JOB = "delivery.unsnooze"
+
+
+class ResponseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: Identifier | None = Field(
+        default=None, description="Idempotency key; defaults to decision:element:outcome"
+    )
+    user_id: Identifier
+    decision_id: Identifier
+    element_id: Identifier
+    outcome: Outcome
+    channel: Channel = Channel.IN_APP
+    time: datetime | None = None
+
+
+class ResponseAccepted(BaseModel):
+    event_id: str
+    status: str
+
+
+def response_event(
+    *,
+    user_id: str,
+    account_id: str,
+    decision_id: str,
+    element_id: str,
+    outcome: Outcome,
+    channel: Channel,
+    event_id: str | None = None,
+    at: datetime | None = None,
+) -> ResponseEvent:
+    return ResponseEvent(
+        # The default id makes a repeated report (two clicks, a retried POST) one label.
+        id=event_id or f"{decision_id}:{element_id}:{outcome.value}",
+        source="delivery",
+        type="nbv.response",
+        time=at or datetime.now(UTC),
+        account_id=account_id,
+        user_id=user_id,
+        payload=ResponsePayload(
+            decision_id=decision_id, element_id=element_id, outcome=outcome, channel=channel
+        ),
+    )
+
+
+class Responses:
+    def __init__(self, runtime: Runtime, notifier: Notifier) -> None:
+        self._rt = runtime
+        self._notifier = notifier
+
+    async def publish(self, event: ResponseEvent) -> None:
+        # Published first: once it is on the log the response cannot be lost; a retry with the
+        # same id is dropped by the projector.
+        await self._rt.bus.publish(
+            self._rt.topic("events"), [Message(key=event.account_id, value=encode(event))]
+        )
+        RESPONSES.labels(event.payload.outcome.value, event.payload.channel.value).inc()
+
+    async def respond(self, response: ResponseIn) -> ResponseAccepted:
+        """Record what the person did with a delivered element; it flows back into the view."""
+        async with self._rt.sessions() as session, session.begin():
+            item = await session.scalar(
+                select(InboxItem).where(
+                    InboxItem.user_id == response.user_id,
+                    InboxItem.element_id == response.element_id,
+                )
+            )
+            account_id = item.account_id if item else None
+            if account_id is None:
+                # Delivered by email or as a CSM alert: the ledger knows it.
+                account_id = await session.scalar(
+                    select(Delivery.account_id)
+                    .where(
+                        Delivery.user_id == response.user_id,
+                        Delivery.element_id == response.element_id,
+                        Delivery.decision_id == response.decision_id,
+                    )
+                    .limit(1)
+                )
+            if account_id is None:
+                raise HTTPException(
+                    status.HTTP_404_NOT_FOUND,
+                    f"element_id {response.element_id!r} was never delivered to user_id "
+                    f"{response.user_id!r}",
+                )
+            event = response_event(
+                user_id=response.user_id,
+                account_id=account_id,
+                decision_id=response.decision_id,
+                element_id=response.element_id,
+                outcome=response.outcome,
+                channel=response.channel,
+                event_id=response.id,
+                at=response.time,
+            )
+            try:
+                await self.publish(event)
+            except Exception as exc:
+                log.exception("response publish failed")
+                raise HTTPException(
+                    status.HTTP_503_SERVICE_UNAVAILABLE, "event log unavailable"
+                ) from exc
+            if item is None:
+                return ResponseAccepted(event_id=event.id, status="recorded")
+            if PROGRESS[response.outcome.value] > PROGRESS.get(item.status, 0):
+                item.status = response.outcome.value
+                item.updated_at = event.time
+                if response.outcome is Outcome.SNOOZED:
+                    await schedule(
+                        session,
+                        self._rt.dialect,
+                        key=f"{UNSNOOZE_JOB}:{item.id}:{event.id}",
+                        kind=UNSNOOZE_JOB,
+                        due_at=datetime.now(UTC) + timedelta(hours=self._rt.settings.snooze_hours),
+                        payload={"card_id": item.id},
+                    )
+            card_status = item.status
+        self._notifier.notify([response.user_id])
+        return ResponseAccepted(event_id=event.id, status=card_status)
