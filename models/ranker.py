@@ -20,6 +20,7 @@ import numpy.typing as npt
 from models.features import FEATURES, INDEX
 
 Matrix = npt.NDArray[np.float64]
+Vector = npt.NDArray[np.float64]
 
 
 class Ranker(Protocol):
@@ -27,6 +28,14 @@ class Ranker(Protocol):
     kind: str
 
     def score(self, features: Matrix) -> npt.NDArray[np.float64]: ...
+
+    def p_success(self, features: Matrix, scores: npt.NDArray[np.float64]) -> Vector: ...
+
+    def contributions(self, features: Matrix) -> Matrix | None: ...
+
+
+def _sigmoid(x: Vector) -> Vector:
+    return np.asarray(1.0 / (1.0 + np.exp(-x)), dtype=np.float64)
 
 
 class RulePrior:
@@ -38,16 +47,41 @@ class RulePrior:
     def score(self, features: Matrix) -> npt.NDArray[np.float64]:
         return features[:, INDEX["rule_score"]].copy()
 
+    def p_success(self, features: Matrix, scores: Vector) -> Vector:
+        """The prior's odds o = rule_score ÷ value weight, as a probability o / (1 + o)."""
+        weight = features[:, INDEX["value_weight"]]
+        odds = np.divide(scores, weight, out=np.zeros_like(scores), where=weight > 0)
+        return np.asarray(odds / (1.0 + odds), dtype=np.float64)
+
+    def contributions(self, features: Matrix) -> Matrix | None:
+        return None  # the prior explains itself by its factors (models.features.prior_factors)
+
 
 class LightGBMRanker:
     kind = "lightgbm"
 
-    def __init__(self, booster: lgb.Booster, version: str) -> None:
+    def __init__(
+        self, booster: lgb.Booster, version: str, slope: float = 1.0, intercept: float = 0.0
+    ) -> None:
         self._booster = booster
         self.version = version
+        self.slope = slope
+        self.intercept = intercept
 
     def score(self, features: Matrix) -> npt.NDArray[np.float64]:
-        return np.asarray(self._booster.predict(features), dtype=np.float64)
+        # One thread: the rows of one decision are few, and OpenMP's thread team costs more
+        # (in CPU burnt spinning) than it saves; concurrency comes from serving many requests.
+        return np.asarray(self._booster.predict(features, num_threads=1), dtype=np.float64)
+
+    def p_success(self, features: Matrix, scores: Vector) -> Vector:
+        """Platt scaling fitted at training time (meta ``calibration``): σ(a·score + b)."""
+        return _sigmoid(self.slope * scores + self.intercept)
+
+    def contributions(self, features: Matrix) -> Matrix | None:
+        """Per-feature SHAP contributions (last column: the bias), one row per input row."""
+        return np.asarray(
+            self._booster.predict(features, pred_contrib=True, num_threads=1), dtype=np.float64
+        )
 
 
 class ModelError(RuntimeError):
@@ -77,12 +111,26 @@ def load_model(registry: Path, version: str) -> LightGBMRanker:
     meta = json.loads((folder / "meta.json").read_text())
     if meta.get("features") != list(FEATURES):
         raise ModelError(f"model {version!r} was trained on other features than this code builds")
-    return LightGBMRanker(lgb.Booster(model_file=str(folder / "model.txt")), version)
+    calibration = meta.get("calibration") or {}
+    return LightGBMRanker(
+        lgb.Booster(model_file=str(folder / "model.txt")),
+        version,
+        slope=float(calibration.get("slope", 1.0)),
+        intercept=float(calibration.get("intercept", 0.0)),
+    )
+
+
+def champion_version(registry: Path) -> str | None:
+    marker = registry / "CHAMPION"
+    try:
+        return marker.read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def load_champion(registry: Path) -> Ranker:
     """The promoted model, or the rule prior when none has been promoted yet."""
-    marker = registry / "CHAMPION"
-    if not marker.exists():
+    version = champion_version(registry)
+    if version is None:
         return RulePrior()
-    return load_model(registry, marker.read_text().strip())
+    return load_model(registry, version)

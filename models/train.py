@@ -32,6 +32,9 @@ def train_ranker(
         "ndcg_eval_at": [1, 3],
         "learning_rate": 0.05,
         "num_leaves": 31,
+        # Bounded depth: a little regularisation, and SHAP explanations (pred_contrib, cost
+        # ∝ depth²) stay cheap enough for the serving path.
+        "max_depth": 8,
         "min_data_in_leaf": 20,
         "seed": seed,
         "deterministic": True,
@@ -44,3 +47,23 @@ def train_ranker(
 
 def training_meta(rows: int, queries: int) -> dict[str, object]:
     return {"trained_at": datetime.now(UTC).isoformat(), "rows": rows, "queries": queries}
+
+
+def fit_calibration(
+    scores: npt.NDArray[np.float64], labels: npt.NDArray[np.float64]
+) -> dict[str, float]:
+    """Platt scaling of ranker scores into P(success): a logistic fit label ~ σ(a·score + b).
+
+    Lambdarank scores only order candidates within a query; this maps them onto the observed
+    success rate so arbitration can multiply them by value weight and lever.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    positives = labels > 0
+    if positives.all() or not positives.any():
+        rate = float(positives.mean()) if len(labels) else 0.5
+        rate = min(max(rate, 1e-3), 1 - 1e-3)
+        return {"slope": 0.0, "intercept": float(np.log(rate / (1 - rate)))}
+    model = LogisticRegression(C=1e4, max_iter=200)
+    model.fit(scores.reshape(-1, 1), positives.astype(int))
+    return {"slope": float(model.coef_[0][0]), "intercept": float(model.intercept_[0])}

@@ -62,6 +62,7 @@ def topic_prefix() -> str:
 def embedded_settings(tmp_path: Path) -> Settings:
     return Settings(
         bus=BusKind.EMBEDDED,
+        database_url="",  # never the one a developer's shell exported
         data_dir=tmp_path / "data",
         consumer_poll_ms=20,
         exploration_epsilon=0.0,

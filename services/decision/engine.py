@@ -1,25 +1,45 @@
-"""The decision: read the view, apply the rules, rank, explore, log, and say why."""
+"""The decision: read the view, apply the eligibility rules, the decision rules and the contact
+policy, rank what is left, arbitrate, explore, log, and say why."""
 
 from __future__ import annotations
 
-import random
+import asyncio
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from models.features import INDEX, Context, ElementFacts, build_matrix, context_vector
+from models.features import Context, ElementFacts, build_matrix, context_vector
 from models.ranker import Ranker
-from services.decision.library import ValueElement
-from services.decision.policy import EpsilonGreedy
+from services.decision.arbitration import (
+    RuleEffects,
+    apply_rules,
+    decision_facts,
+    final_scores,
+)
+from services.decision.contact_policy import (
+    ContactPolicy,
+    Exclusion,
+    history_horizon,
+    load_history,
+)
+from services.decision.explain import model_reasons, prior_reasons, reason
+from services.decision.library import Stage, ValueElement
+from services.decision.playbooks import PlaybookSet
+from services.decision.policy import Exploration, Pick
 from services.decision.rules import evaluate
 from services.ingest.view import AccountState, UserState
+from services.ingest.windows import total as usage_total
 from shared.contracts import DecidedItem, DecisionMessage
 from shared.envelope import Channel, Role
 from shared.metrics import DECISION_DURATION, DECISIONS, EXCLUSIONS
-from shared.store.models import AccountView, DecisionRow, UserView
+from shared.store.models import AccountView, ChannelPreference, Contact, DecisionRow, UserView
 
 
 class UnknownUser(LookupError):
@@ -30,6 +50,8 @@ class UnknownUser(LookupError):
 class Decided:
     message: DecisionMessage
     row: DecisionRow
+    # Set when nothing could be offered only because of quiet hours: when to try again.
+    deferred_until: datetime | None = None
 
 
 def facts(e: ValueElement) -> ElementFacts:
@@ -43,7 +65,46 @@ def facts(e: ValueElement) -> ElementFacts:
     )
 
 
+@dataclass(frozen=True)
+class LibrarySnapshot:
+    """The library as served: replaced as a whole (one reference swap) when it changes."""
+
+    version: int | None
+    elements: tuple[ValueElement, ...]
+    by_id: dict[str, ValueElement] = field(default_factory=dict)
+    element_facts: dict[str, ElementFacts] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, version: int | None, elements: Sequence[ValueElement]) -> LibrarySnapshot:
+        return cls(
+            version,
+            tuple(elements),
+            {e.id: e for e in elements},
+            {e.id: facts(e) for e in elements},
+        )
+
+
+def _num(obj: object, name: str) -> float | None:
+    value = getattr(obj, name, None)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _sophistication(user: UserState) -> float | None:
+    """Mean quiz score over the feature areas the person was quizzed on (0..1)."""
+    scores = getattr(user, "quiz_scores", None) or {}
+    pairs = [v for v in scores.values() if isinstance(v, list | tuple) and len(v) == 2 and v[1]]
+    if not pairs:
+        return None
+    return sum(float(s) / float(n) for s, n in pairs) / len(pairs)
+
+
 def context_of(user: UserState, account: AccountState | None, now: datetime) -> Context:
+    """The view as the features see it. Fields the view may not have yet are read defensively."""
+    daily = getattr(user, "daily_usage", None) or {}
+    today = now.date()
+    health = _num(user, "health_score")
+    if health is None and account is not None:
+        health = _num(account, "health_score")
     return Context(
         now=now,
         role=user.role,
@@ -56,31 +117,62 @@ def context_of(user: UserState, account: AccountState | None, now: datetime) -> 
         renewal_date=account.renewal_date if account else None,
         n_achieved=len(user.achieved),
         n_dismissed=len(user.dismissed),
+        usage_7d=float(usage_total(daily, today, 7)),
+        usage_prev_7d=float(usage_total(daily, today - timedelta(days=7), 7)),
+        health_score=health,
+        sophistication=_sophistication(user),
+        past_due=bool(account and account.subscription_status == "past_due"),
+        mrr=account.mrr if account else None,
     )
 
 
-def explain(element: ValueElement, ctx: Context, row: list[float]) -> str:
-    parts = []
-    stage = ctx.stage()
-    if element.stage.value == stage:
-        parts.append(f"fits the {stage} stage")
-    if ctx.role and element.roles:
-        parts.append(f"made for the {ctx.role.replace('_', ' ')} role")
-    if row[INDEX["is_detractor"]] and element.kind.value == "human_touch":
-        parts.append(f"last NPS was {ctx.last_nps}")
-    if ctx.open_tickets and element.kind.value in ("guide", "walkthrough", "video"):
-        parts.append(f"{ctx.open_tickets} open support ticket(s)")
-    if element.feature_area and not ctx.feature_usage.get(element.feature_area):
-        parts.append(f"{element.feature_area} not used yet")
-    parts.append(f"value weight {element.value_weight:g}")
-    return "; ".join(parts)
+# Built once: SQLAlchemy then reuses their compiled form and cache keys on every request.
+_PERSON = (
+    select(UserView, AccountView, ChannelPreference)
+    .outerjoin(AccountView, AccountView.account_id == UserView.account_id)
+    .outerjoin(ChannelPreference, ChannelPreference.user_id == UserView.user_id)
+    .where(UserView.user_id == bindparam("user_id"))
+)
+_LOG_DECISION = insert(DecisionRow.__table__)  # type: ignore[arg-type]
+_LOG_CONTACT = insert(Contact.__table__)  # type: ignore[arg-type]
+
+CsmOf = Callable[[str, AccountState | None], str | None]
+
+
+@dataclass
+class _Candidate:
+    element: ValueElement
+    excluded_by: str | None = None
+    detail: str = ""
+    channel: Channel | None = None
+    score: float | None = None
+    p_success: float | None = None
+    lever: float = 1.0
+    final: float | None = None
 
 
 class DecisionEngine:
-    def __init__(self, ranker: Ranker, epsilon: float, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        ranker: Ranker,
+        exploration: Exploration,
+        contact: ContactPolicy,
+        playbooks: PlaybookSet | None = None,
+        csm_of: CsmOf | None = None,
+        explain_items: int = 1,
+    ) -> None:
+        self.explain_items = explain_items
+        # Each of these is replaced by reference (hot reload); a decision reads each once.
         self.ranker = ranker
-        self.policy = EpsilonGreedy(epsilon, random.Random(seed))
-        self.elements: list[ValueElement] = []
+        self.library = LibrarySnapshot.of(None, [])
+        self.playbooks = playbooks or PlaybookSet()
+        self.policy = exploration
+        self.contact = contact
+        self._csm_of: CsmOf = csm_of or (lambda account_id, account: None)
+
+    @property
+    def elements(self) -> tuple[ValueElement, ...]:
+        return self.library.elements
 
     async def decide(
         self,
@@ -90,45 +182,136 @@ class DecisionEngine:
         channel: Channel | None,
         limit: int,
         trigger: str | None = None,
+        only: Sequence[str] | None = None,
+        decision_id: str | None = None,
     ) -> Decided:
-        """Decide and add the decision log row to the session (the caller commits)."""
+        """Decide and add the decision log rows to the session (the caller commits).
+
+        ``only`` restricts the candidates (a playbook step offers its one element, still
+        subject to every rule and the contact policy)."""
         started = time.perf_counter()
-        user_row = await session.get(UserView, user_id)
-        if user_row is None:
+        # One round trip for the person, their account and their preferences.
+        found = (await session.execute(_PERSON, {"user_id": user_id})).first()
+        if found is None:
             raise UnknownUser(user_id)
+        user_row, account_row, preference = found
         user = UserState.model_validate(user_row, from_attributes=True)
-        account_row = await session.get(AccountView, user.account_id)
         account = (
             AccountState.model_validate(account_row, from_attributes=True) if account_row else None
         )
         now = datetime.now(UTC)
+        library, ranker, playbooks = self.library, self.ranker, self.playbooks
         ctx = context_of(user, account, now)
-        verdicts = evaluate(self.elements, user, channel)
-        eligible = [v.element for v in verdicts if v.excluded_by is None]
-        for v in verdicts:
-            if v.excluded_by:
-                EXCLUSIONS.labels(v.excluded_by).inc()
-        ranker = self.ranker  # one model for the whole decision, even if swapped meanwhile
-        matrix = build_matrix(ctx, [facts(e) for e in eligible])
-        scores = ranker.score(matrix).tolist() if eligible else []
-        picks = self.policy.choose(scores, limit)
-        decision_id = str(uuid.uuid4())
-        items = []
-        for rank, pick in enumerate(picks, start=1):
-            element = eligible[pick.index]
-            item_channel = channel or element.channels[0]
+        elements = (
+            list(library.elements)
+            if only is None
+            else [library.by_id[i] for i in only if i in library.by_id]
+        )
+        effects = apply_rules(playbooks.rules, decision_facts(ctx, account, trigger))
+        csm_id = self._csm_of(user.account_id, account)
+        wants_csm = channel is Channel.CSM or (
+            channel is None and any(Channel.CSM in e.channels for e in elements)
+        )
+        history = await load_history(
+            session,
+            self.contact.limits,
+            user_id=user.user_id,
+            user_timezone=user.timezone,
+            preference=preference,
+            dismissed=user.dismissed,
+            csm_id=csm_id,
+            now=now,
+            horizon=history_horizon(library.elements),
+            need_csm_load=wants_csm,
+        )
+
+        candidates: list[_Candidate] = []
+        for verdict in evaluate(elements, user, channel, library.elements):
+            c = _Candidate(verdict.element, verdict.excluded_by, verdict.detail)
+            if c.excluded_by is None and c.element.id in effects.excluded:
+                c.excluded_by = "rule:" + effects.excluded[c.element.id]
+                c.detail = "excluded by a decision rule"
+            if c.excluded_by is None:
+                c.channel, blocked = self.contact.resolve(c.element, channel, history, now)
+                if blocked:
+                    c.excluded_by, c.detail = blocked.rule, blocked.detail
+            candidates.append(c)
+        eligible = [c for c in candidates if c.excluded_by is None]
+
+        matrix = build_matrix(ctx, [library.element_facts[c.element.id] for c in eligible])
+        if eligible:
+            scores = ranker.score(matrix)
+            p_success = ranker.p_success(matrix, scores)
+            for i, c in enumerate(eligible):
+                c.score, c.p_success = float(scores[i]), float(p_success[i])
+                c.lever = effects.lever_of(c.element.id)
+            for c, f in zip(
+                eligible,
+                final_scores(
+                    [c.p_success or 0.0 for c in eligible],
+                    [c.element.value_weight for c in eligible],
+                    [c.lever for c in eligible],
+                ),
+                strict=True,
+            ):
+                c.final = f
+
+        picks = self._pick(eligible, effects.required, limit)
+        used: Counter[str] = Counter()
+        chosen: list[tuple[int, Pick, Channel]] = []
+        for pick in picks:
+            c = eligible[pick.index]
+            # Caps count the items of this decision too: re-check with what it already uses.
+            item_channel, blocked = self.contact.resolve(c.element, channel, history, now, used)
+            if blocked or item_channel is None:
+                b = blocked or Exclusion("channel", "no channel left")
+                c.excluded_by, c.detail = b.rule, b.detail + " (within this decision)"
+                continue
+            used[item_channel.value] += 1
+            chosen.append((pick.index, pick, item_channel))
+
+        # SHAP values cost about a millisecond per row on a 200-tree model, so only the top
+        # ``explain_items`` get them; LightGBM releases the GIL, so a worker thread keeps the
+        # event loop serving meanwhile.
+        explained = [i for i, _, _ in chosen[: self.explain_items]]
+        contributions = (
+            await asyncio.to_thread(ranker.contributions, matrix[explained])
+            if explained and ranker.kind != "rules"
+            else None
+        )
+        decision_id = decision_id or str(uuid.uuid4())
+        items: list[DecidedItem] = []
+        for rank, (index, pick, item_channel) in enumerate(chosen, start=1):
+            c = eligible[index]
+            why_ranker = (
+                model_reasons(contributions[rank - 1])
+                if contributions is not None and rank <= len(contributions)
+                else prior_reasons(ctx, library.element_facts[c.element.id])
+            )
+            required = c.element.id in effects.required
             items.append(
                 DecidedItem(
-                    element_id=element.id,
+                    element_id=c.element.id,
                     rank=rank,
                     channel=item_channel,
-                    score=round(scores[pick.index], 6),
+                    score=round(c.final or 0.0, 6),
                     propensity=round(pick.propensity, 6),
-                    reason=explain(element, ctx, matrix[pick.index].tolist()),
-                    content=element.content(),
+                    reason=reason(
+                        rules=[r for r in effects.fired if r in self._rules_about(c, effects)],
+                        ranker_reasons=why_ranker,
+                        p_success=c.p_success or 0.0,
+                        value_weight=c.element.value_weight,
+                        lever=c.lever,
+                        required=required,
+                    ),
+                    content=c.element.content(),
                 )
             )
-            DECISIONS.labels(element.id, item_channel.value, ranker.version).inc()
+            DECISIONS.labels(c.element.id, item_channel.value, ranker.version).inc()
+        for c in candidates:
+            if c.excluded_by:
+                EXCLUSIONS.labels(c.excluded_by).inc()
+
         message = DecisionMessage(
             decision_id=decision_id,
             user_id=user.user_id,
@@ -139,7 +322,6 @@ class DecisionEngine:
             model_version=ranker.version,
             items=items,
         )
-        score_of = {e.id: scores[i] for i, e in enumerate(eligible)}
         row = DecisionRow(
             id=decision_id,
             user_id=user.user_id,
@@ -149,16 +331,14 @@ class DecisionEngine:
             trigger=trigger,
             policy=self.policy.name,
             model_version=ranker.version,
-            context={"stage": ctx.stage(), "features": context_vector(ctx)},
-            candidates=[
-                {
-                    "element_id": v.element.id,
-                    "excluded_by": v.excluded_by,
-                    "detail": v.detail,
-                    "score": score_of.get(v.element.id),
-                }
-                for v in verdicts
-            ],
+            context={
+                "stage": ctx.stage(),
+                "features": context_vector(ctx),
+                "rules_fired": list(effects.fired),
+                "library_version": library.version,
+                "csm_id": csm_id,
+            },
+            candidates=[_candidate_log(c) for c in candidates],
             chosen=[
                 {
                     "element_id": i.element_id,
@@ -166,10 +346,95 @@ class DecisionEngine:
                     "score": i.score,
                     "propensity": i.propensity,
                     "channel": i.channel.value,
+                    "reason": i.reason,
                 }
                 for i in items
             ],
         )
-        session.add(row)
+        # Core inserts: the log is write-only here, the ORM unit of work would only add cost.
+        await session.execute(_LOG_DECISION, [_columns(row)])
+        if items:
+            await session.execute(
+                _LOG_CONTACT,
+                [
+                    {
+                        "decision_id": decision_id,
+                        "element_id": i.element_id,
+                        "user_id": user.user_id,
+                        "account_id": user.account_id,
+                        "csm_id": csm_id,
+                        "channel": i.channel.value,
+                        "at": now,
+                    }
+                    for i in items
+                ],
+            )
+        deferred_until = None
+        quiet = history.quiet
+        if not items and candidates and all(c.excluded_by == "quiet_hours" for c in candidates):
+            deferred_until = quiet.ends_after(now) if quiet else None
         DECISION_DURATION.observe(time.perf_counter() - started)
-        return Decided(message, row)
+        return Decided(message, row, deferred_until)
+
+    @staticmethod
+    def _rules_about(c: _Candidate, effects: RuleEffects) -> set[str]:
+        names = set(effects.boosted_by.get(c.element.id, ()))
+        if c.element.id in effects.required:
+            names.update(effects.fired)  # which required rule is not tracked per element
+        return names
+
+    def _pick(
+        self, eligible: Sequence[_Candidate], required: frozenset[str], limit: int
+    ) -> list[Pick]:
+        """Required elements first (certain, so propensity 1), then the exploration policy."""
+        forced = sorted(
+            (i for i, c in enumerate(eligible) if c.element.id in required),
+            key=lambda i: -(eligible[i].final or 0.0),
+        )[:limit]
+        rest = [i for i in range(len(eligible)) if i not in set(forced)]
+        explored = self.policy.choose([eligible[i].final or 0.0 for i in rest], limit - len(forced))
+        return [Pick(i, 1.0) for i in forced] + [
+            Pick(rest[p.index], p.propensity) for p in explored
+        ]
+
+    def cold_start(self, channel: Channel, limit: int) -> list[DecidedItem]:
+        """The documented answer for someone NBV knows nothing about: role-agnostic onboarding
+        elements without prerequisites, deliverable on the channel, by value per minute."""
+        pool = [
+            e
+            for e in self.library.elements
+            if e.stage is Stage.ONBOARD
+            and not e.roles
+            and not e.prerequisites
+            and channel in e.channels
+        ]
+        pool.sort(key=lambda e: (-e.value_weight / (1 + e.effort_minutes / 60), e.id))
+        return [
+            DecidedItem(
+                element_id=e.id,
+                rank=rank,
+                channel=channel,
+                score=round(e.value_weight / (1 + e.effort_minutes / 60), 6),
+                propensity=1.0,
+                reason="cold start: a first step that fits any role",
+                content=e.content(),
+            )
+            for rank, e in enumerate(pool[:limit], start=1)
+        ]
+
+
+def _columns(row: DecisionRow) -> dict[str, Any]:
+    return {c.key: getattr(row, c.key) for c in DecisionRow.__table__.columns}
+
+
+def _candidate_log(c: _Candidate) -> dict[str, Any]:
+    return {
+        "element_id": c.element.id,
+        "excluded_by": c.excluded_by,
+        "detail": c.detail,
+        "channel": c.channel.value if c.channel else None,
+        "score": c.score,
+        "p_success": c.p_success,
+        "lever": c.lever,
+        "final": c.final,
+    }

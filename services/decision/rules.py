@@ -5,6 +5,7 @@ These run before the ranker, so the ranker never sees an ineligible element.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.decision.library import ValueElement
@@ -26,9 +27,14 @@ def is_achieved(element: ValueElement, user: UserState) -> bool:
 
 
 def evaluate(
-    elements: list[ValueElement], user: UserState, channel: Channel | None
+    elements: Sequence[ValueElement],
+    user: UserState,
+    channel: Channel | None,
+    library: Sequence[ValueElement] | None = None,
 ) -> list[Verdict]:
-    achieved = {e.id for e in elements if is_achieved(e, user)}
+    """Verdicts for ``elements``; prerequisites are looked up in ``library`` (default: the
+    same elements), so a single element can be judged against the whole library."""
+    achieved = {e.id for e in (elements if library is None else library) if is_achieved(e, user)}
     verdicts: list[Verdict] = []
     for e in elements:
         if e.id in achieved:

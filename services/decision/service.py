@@ -1,45 +1,91 @@
-"""Decision: the next-best-value API, and proactive decisions on triggers."""
+"""Decision: the next-best-value API, proactive decisions and playbooks on triggers, the library
+admin API, and hot reloads of the model and the library."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import BaseModel
-from sqlalchemy import select
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from models.ranker import load_champion
-from services.decision.engine import Decided, DecisionEngine, UnknownUser
-from services.decision.library import DEFAULT_LIBRARY, active_elements, load_library, seed_library
+from models.ranker import champion_version, load_champion
+from services.decision.admin import Launch, Launched, PlaybookList, admin_router
+from services.decision.contact_policy import ContactLimits, ContactPolicy
+from services.decision.engine import Decided, DecisionEngine, LibrarySnapshot, UnknownUser
+from services.decision.library import (
+    DEFAULT_LIBRARY,
+    active_elements,
+    current_version,
+    load_library,
+    seed_library,
+)
+from services.decision.playbook_runs import (
+    STEP_JOB,
+    StepJob,
+    audience,
+    cancel_playbook,
+    start_playbook,
+    step_label,
+)
+from services.decision.playbooks import DEFAULT_PLAYBOOKS, Playbook, load_playbooks
+from services.decision.policy import make_policy
+from services.ingest.view import AccountState
 from shared.bus import Message, Record
 from shared.contracts import DecidedItem
-from shared.envelope import Channel, TriggerEvent, decode
+from shared.envelope import Channel, Identifier, TriggerEvent, decode
 from shared.metrics import MODEL_INFO
 from shared.runtime import Runtime
+from shared.scheduler import Job, SchedulerWorker, schedule
 from shared.store.db import upsert
-from shared.store.models import DecisionRow, ProcessedEvent, UserView
+from shared.store.models import DecisionRow, LibraryVersion, ProcessedEvent, UserView
 from shared.worker import PoisonRecord
 
 log = logging.getLogger(__name__)
 
 TRIGGER_CONSUMER = "decision-triggers"
 MAX_USERS_PER_ACCOUNT_TRIGGER = 50
+MAX_BATCH_USERS = 100
 
 
 class NextBestValue(BaseModel):
-    decision_id: str
+    decision_id: str | None = Field(description="null for a cold-start answer (nothing logged)")
     user_id: str
     model_version: str
+    cold_start: bool = False
     items: list[DecidedItem]
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_ids: list[Identifier] = Field(min_length=1, max_length=MAX_BATCH_USERS)
+    channel: Channel = Channel.IN_APP
+    limit: int = Field(default=3, ge=1, le=20)
+
+
+class BatchError(BaseModel):
+    user_id: str
+    error: str
+
+
+class BatchResponse(BaseModel):
+    results: list[NextBestValue]
+    errors: list[BatchError]
 
 
 class DecisionLog(BaseModel):
     id: str
     user_id: str
     account_id: str
-    created_at: Any
+    created_at: datetime
     channel: str | None
     trigger: str | None
     policy: str
@@ -47,6 +93,7 @@ class DecisionLog(BaseModel):
     context: dict[str, Any]
     candidates: list[Any]
     chosen: list[Any]
+    explanation: list[str] = Field(default_factory=list, description="one line per chosen item")
 
 
 class DecisionService:
@@ -54,28 +101,119 @@ class DecisionService:
 
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
-        settings = runtime.settings
+        s = runtime.settings
+        self._playbook_dir = s.playbook_dir or DEFAULT_PLAYBOOKS
         self.engine = DecisionEngine(
-            load_champion(settings.model_dir), settings.exploration_epsilon, settings.decision_seed
+            load_champion(s.model_dir),
+            make_policy(
+                s.exploration_policy,
+                s.exploration_epsilon,
+                s.exploration_temperature,
+                s.decision_seed,
+            ),
+            ContactPolicy(ContactLimits.from_settings(s)),
+            load_playbooks(self._playbook_dir),
+            self._csm_of,
+            explain_items=s.decision_explain_items,
         )
         self._worker = runtime.worker(
             topics=["triggers"], group="decision", handler=self.handle_triggers
         )
+        self.scheduler = SchedulerWorker(runtime.sessions, {STEP_JOB: self.run_step}, poll_s=0.5)
+        self._stopping = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
         self.router = APIRouter(tags=["decision"])
         self.router.add_api_route("/v1/next-best-value", self.next_best_value, methods=["GET"])
+        self.router.add_api_route(
+            "/v1/next-best-value/batch", self.next_best_value_batch, methods=["POST"]
+        )
         self.router.add_api_route("/v1/decisions/{decision_id}", self.get_decision, methods=["GET"])
+        self.router.include_router(
+            admin_router(runtime, self.reload_library, self._playbook_list, self.launch)
+        )
+
+    def _csm_of(self, account_id: str, account: AccountState | None) -> str | None:
+        owner = getattr(account, "csm_id", None) or getattr(account, "csm_owner", None)
+        if isinstance(owner, str) and owner:
+            return owner
+        s = self._rt.settings
+        return s.csm_owners.get(account_id, s.csm_default_owner)
+
+    def _playbook_list(self) -> PlaybookList:
+        return PlaybookList(
+            playbooks=self.engine.playbooks.playbooks, rules=self.engine.playbooks.rules
+        )
 
     async def start(self) -> None:
         library = load_library(self._rt.settings.library_path or DEFAULT_LIBRARY)
         async with self._rt.sessions() as session, session.begin():
             if await seed_library(session, library, self._rt.dialect):
                 log.info("library seeded", extra={"version": library.version})
-            self.engine.elements = await active_elements(session)
-        MODEL_INFO.labels(self.engine.ranker.version, self.engine.ranker.kind).set(1)
+        await self.reload_library()
+        for problem in self.engine.playbooks.check_elements(self.engine.elements):
+            log.warning("playbook refers to a missing element", extra={"problem": problem})
+        self._set_model_info()
         await self._worker.start()
+        await self.scheduler.start()
+        self._watcher = asyncio.create_task(self._watch(), name="decision-reload")
 
     async def stop(self) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            await self._watcher
+        await self.scheduler.stop()
         await self._worker.stop()
+
+    # -------------------------------------------------------------- hot reloads
+
+    def _set_model_info(self) -> None:
+        MODEL_INFO.clear()
+        MODEL_INFO.labels(self.engine.ranker.version, self.engine.ranker.kind).set(1)
+
+    async def reload_library(self) -> None:
+        async with self._rt.sessions() as session:
+            version = await current_version(session)
+            elements = await active_elements(session)
+        self.engine.library = LibrarySnapshot.of(version, elements)  # one reference swap
+
+    async def refresh_model(self) -> bool:
+        """Swap in the promoted model if CHAMPION changed; requests in flight keep theirs."""
+        registry = self._rt.settings.model_dir
+        wanted = await asyncio.to_thread(champion_version, registry)
+        current = self.engine.ranker
+        if (wanted or "rules-v1") == current.version:
+            return False
+        ranker = await asyncio.to_thread(load_champion, registry)
+        self.engine.ranker = ranker
+        self._set_model_info()
+        log.info("model swapped", extra={"from": current.version, "to": ranker.version})
+        return True
+
+    async def _refresh_library_if_changed(self) -> None:
+        async with self._rt.sessions() as session:
+            version = await session.scalar(select(func.max(LibraryVersion.version)))
+        if version is not None and version != self.engine.library.version:
+            await self.reload_library()
+            log.info("library reloaded", extra={"version": version})
+
+    async def _watch(self) -> None:
+        s = self._rt.settings
+        period = min(s.model_poll_s, s.library_poll_s)
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=period)
+            if self._stopping.is_set():
+                return
+            try:
+                await self.refresh_model()
+            except Exception:
+                log.exception("model reload failed; the current model keeps serving")
+            try:
+                await self._refresh_library_if_changed()
+            except Exception:
+                log.exception("library reload failed; the current library keeps serving")
+
+    # -------------------------------------------------------------- API
 
     async def _publish(self, decided: Sequence[Decided]) -> None:
         messages = [
@@ -90,11 +228,37 @@ class DecisionService:
         if messages:
             await self._rt.bus.publish(self._rt.topic("decisions"), messages)
 
+    async def _commit_and_publish(self, session: AsyncSession, decided: Sequence[Decided]) -> None:
+        """Log first, publish, then commit: a decision is either logged and published, or
+        (publish failed) rolled back and refused."""
+        await session.flush()
+        try:
+            await self._publish(decided)
+        except Exception as exc:
+            log.exception("decision publish failed")
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, "decision log unavailable"
+            ) from exc
+        await session.commit()
+
+    @staticmethod
+    def _answer(d: Decided) -> NextBestValue:
+        m = d.message
+        return NextBestValue(
+            decision_id=m.decision_id,
+            user_id=m.user_id,
+            model_version=m.model_version,
+            items=m.items,
+        )
+
     async def next_best_value(
         self,
         user_id: Annotated[str, Query(min_length=1, max_length=200)],
         limit: Annotated[int, Query(ge=1, le=20)] = 3,
         channel: Channel = Channel.IN_APP,
+        cold_start: Annotated[
+            bool, Query(description="for an unknown user, answer with the cold-start elements")
+        ] = False,
     ) -> NextBestValue:
         """Rank the eligible Value Elements for one person and log the decision.
 
@@ -104,36 +268,67 @@ class DecisionService:
             try:
                 decided = await self.engine.decide(session, user_id, channel=channel, limit=limit)
             except UnknownUser:
+                if cold_start:
+                    return NextBestValue(
+                        decision_id=None,
+                        user_id=user_id,
+                        model_version="cold-start",
+                        cold_start=True,
+                        items=self.engine.cold_start(channel, limit),
+                    )
                 raise HTTPException(
                     status.HTTP_404_NOT_FOUND,
-                    f"unknown user_id {user_id!r}: no events received for this user yet",
+                    f"unknown user_id {user_id!r}: no events received for this user yet "
+                    "(add cold_start=true for the cold-start answer)",
                 ) from None
-            await session.flush()
-            try:
-                await self._publish([decided])
-            except Exception as exc:
-                log.exception("decision publish failed")
-                raise HTTPException(
-                    status.HTTP_503_SERVICE_UNAVAILABLE, "decision log unavailable"
-                ) from exc
-            await session.commit()
-        m = decided.message
-        return NextBestValue(
-            decision_id=m.decision_id,
-            user_id=m.user_id,
-            model_version=m.model_version,
-            items=m.items,
-        )
+            await self._commit_and_publish(session, [decided])
+        return self._answer(decided)
+
+    async def next_best_value_batch(self, body: BatchRequest) -> BatchResponse:
+        """Decide for many people at once (one transaction, one publish)."""
+        decided: list[Decided] = []
+        errors: list[BatchError] = []
+        async with self._rt.sessions() as session:
+            for user_id in dict.fromkeys(body.user_ids):
+                try:
+                    decided.append(
+                        await self.engine.decide(
+                            session, user_id, channel=body.channel, limit=body.limit
+                        )
+                    )
+                except UnknownUser:
+                    errors.append(BatchError(user_id=user_id, error="unknown user_id"))
+            await self._commit_and_publish(session, decided)
+        return BatchResponse(results=[self._answer(d) for d in decided], errors=errors)
 
     async def get_decision(self, decision_id: str) -> DecisionLog:
+        """A past decision: what was eligible, what was excluded and why, the scores, the
+        propensities, the model version, and the reason given for each item."""
         async with self._rt.sessions() as session:
             row = await session.get(DecisionRow, decision_id)
         if row is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown decision {decision_id!r}")
-        return DecisionLog.model_validate(row, from_attributes=True)
+        out = DecisionLog.model_validate(row, from_attributes=True)
+        out.explanation = [
+            f"#{c.get('rank')} {c.get('element_id')} on {c.get('channel')} "
+            f"(propensity {c.get('propensity')}): {c.get('reason', '')}"
+            for c in row.chosen
+        ]
+        excluded = [c for c in row.candidates if c.get("excluded_by")]
+        if excluded:
+            counts: dict[str, int] = {}
+            for c in excluded:
+                counts[c["excluded_by"]] = counts.get(c["excluded_by"], 0) + 1
+            out.explanation.append(
+                "excluded: " + ", ".join(f"{n} by {rule}" for rule, n in sorted(counts.items()))
+            )
+        return out
+
+    # -------------------------------------------------------------- triggers and playbooks
 
     async def handle_triggers(self, records: Sequence[Record]) -> None:
-        """Proactive mode: each trigger (once, by its id) leads to a decision for its people."""
+        """Proactive mode: each trigger (once, by its id) starts the playbooks it names and
+        cancels those it ends; a trigger no playbook knows gets a ranked decision."""
         triggers: list[TriggerEvent] = []
         for record in records:
             event = decode(record.value)
@@ -158,23 +353,44 @@ class DecisionService:
                 if trigger.id not in claimed:
                     continue
                 claimed.discard(trigger.id)  # a batch may carry the same trigger twice
-                for user_id in await self._audience(session, trigger):
-                    try:
-                        decided.append(
-                            await self.engine.decide(
-                                session,
-                                user_id,
-                                channel=None,
-                                limit=1,
-                                trigger=trigger.payload.trigger,
-                            )
-                        )
-                    except UnknownUser:
-                        continue
+                decided.extend(await self._on_trigger(session, trigger))
             await session.flush()
             await self._publish(decided)
 
-    async def _audience(self, session: Any, trigger: TriggerEvent) -> list[str]:
+    async def _on_trigger(self, session: AsyncSession, trigger: TriggerEvent) -> list[Decided]:
+        name = trigger.payload.trigger
+        playbooks = self.engine.playbooks
+        user_ids = await self._audience(session, trigger)
+        now = datetime.now(UTC)
+        for playbook in playbooks.cancelled_by(name):
+            n = await cancel_playbook(session, playbook.name, user_ids)
+            if n:
+                log.info("playbook steps cancelled", extra={"playbook": playbook.name, "steps": n})
+        started = playbooks.for_trigger(name)
+        for playbook in started:
+            for user in await audience(session, playbook, user_ids, name, now):
+                await start_playbook(
+                    session,
+                    self._rt.dialect,
+                    playbook,
+                    user,
+                    trigger=name,
+                    trigger_id=trigger.id,
+                    now=now,
+                )
+        if started or playbooks.cancelled_by(name):
+            return []
+        decided: list[Decided] = []
+        for user_id in user_ids:
+            try:
+                decided.append(
+                    await self.engine.decide(session, user_id, channel=None, limit=1, trigger=name)
+                )
+            except UnknownUser:
+                continue
+        return decided
+
+    async def _audience(self, session: AsyncSession, trigger: TriggerEvent) -> list[str]:
         if trigger.user_id:
             return [trigger.user_id]
         rows = await session.scalars(
@@ -184,3 +400,66 @@ class DecisionService:
             .limit(MAX_USERS_PER_ACCOUNT_TRIGGER)
         )
         return list(rows)
+
+    async def launch(self, playbook: Playbook, body: Launch) -> Launched:
+        """Start a playbook for a target list (a CSM-defined campaign)."""
+        now = datetime.now(UTC)
+        trigger = playbook.triggers[0]
+        scheduled = 0
+        async with self._rt.sessions() as session, session.begin():
+            admitted = await audience(session, playbook, body.user_ids, trigger, now)
+            known = set(
+                await session.scalars(
+                    select(UserView.user_id).where(UserView.user_id.in_(body.user_ids))
+                )
+            )
+            for user in admitted:
+                scheduled += await start_playbook(
+                    session,
+                    self._rt.dialect,
+                    playbook,
+                    user,
+                    trigger=trigger,
+                    trigger_id=f"campaign-{body.campaign_id}",
+                    now=now,
+                )
+        return Launched(
+            playbook=playbook.name,
+            scheduled_steps=scheduled,
+            unknown_users=[u for u in body.user_ids if u not in known],
+        )
+
+    async def run_step(self, job: Job) -> None:
+        """One playbook step: a decision restricted to the step's element and channel, through
+        every rule and the contact policy; deferred to the end of quiet hours if that is all
+        that stands in the way. Idempotent: the decision id derives from the job key."""
+        step = StepJob.model_validate(job.payload)
+        decision_id = str(uuid.uuid5(uuid.NAMESPACE_URL, job.key))
+        async with self._rt.sessions() as session:
+            if await session.get(DecisionRow, decision_id) is not None:
+                return  # logged and published by an earlier run of this job
+            try:
+                decided = await self.engine.decide(
+                    session,
+                    step.user_id,
+                    channel=Channel(step.channel) if step.channel else None,
+                    limit=1,
+                    trigger=step_label(step),
+                    only=[step.element],
+                    decision_id=decision_id,
+                )
+            except UnknownUser:
+                log.warning("playbook step for an unknown user", extra={"key": job.key})
+                return
+            if decided.deferred_until is not None:
+                await schedule(
+                    session,
+                    self._rt.dialect,
+                    key=f"{job.key}@{decided.deferred_until:%Y%m%dT%H%M}",
+                    kind=STEP_JOB,
+                    due_at=decided.deferred_until,
+                    payload=job.payload,
+                )
+            await session.flush()
+            await self._publish([decided])
+            await session.commit()

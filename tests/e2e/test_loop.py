@@ -37,9 +37,9 @@ def _env(settings: Settings) -> dict[str, str]:
         "NBV_EXPLORATION_EPSILON": "0",
         "NBV_CONSUMER_POLL_MS": "50",
     }
-    if settings.database_url:
-        env["NBV_DATABASE_URL"] = settings.database_url
-        env["NBV_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
+    # Always set: an empty URL means the embedded store, whatever the shell exported.
+    env["NBV_DATABASE_URL"] = settings.database_url
+    env["NBV_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
     return env
 
 

@@ -38,7 +38,7 @@ def test_library_errors_name_file_element_and_field(tmp_path: Path) -> None:
     )
     with pytest.raises(LibraryError) as info:
         load_library(bad)
-    assert "lib.yaml" in str(info.value) and "elements.0.kind" in str(info.value)
+    assert "lib.yaml: element 'a' (elements[0]): kind:" in str(info.value)
 
 
 def test_unknown_prerequisite_is_refused(tmp_path: Path) -> None:

@@ -1,0 +1,383 @@
+"""Decision benchmark: GET /v1/next-best-value on its normal serving path (PostgreSQL view,
+contact-policy history, a promoted 200-tree LightGBM model, decision log, publish to Kafka).
+
+It starts what it needs the way the tests do (deploy/local/infra.sh up; a fresh database and
+topic prefix), writes 20,000 users in 2,000 accounts into the view, trains a 200-tree lambdarank
+model on feature rows of the default library and promotes it in a temporary registry, then runs
+one uvicorn worker with the decision service (``--serve``). A separate process (``--load``)
+drives closed-loop load at rising concurrency, first against ``/v1/next-best-value`` (a random
+user per request), then against a trivial JSON route of the same app instance (``/v1/ping``,
+added only here). Then a paced run at half the peak rate measures latency there, timed from each
+request's scheduled start (no coordinated omission).
+
+    .venv/bin/python bench/decision.py [--seconds 4] [--levels 1,2,4,8,16,32,64]
+
+The last line is one JSON object: decisions_per_s, p99_ms_at_half_peak, ratio_to_trivial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from sqlalchemy import insert  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
+
+USERS = 20_000
+ACCOUNTS = 2_000
+ROLES = ("end_user", "end_user", "end_user", "admin", "champion", "economic_buyer")
+AREAS = ("core", "collaboration", "integrations", "automation", "reporting", "admin", "api")
+
+
+def infra_env() -> dict[str, str]:
+    subprocess.run(["bash", str(ROOT / "deploy/local/infra.sh"), "up"], check=True)
+    env: dict[str, str] = {}
+    for line in (ROOT / ".nbv/infra.env").read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].partition("=")
+            env[key] = value.strip("'\"")
+    return env
+
+
+async def fresh_database(admin_url: str) -> str:
+    name = f"nbv_bench_decision_{uuid.uuid4().hex[:10]}"
+    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    await admin.dispose()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+async def drop_database(admin_url: str, url: str) -> None:
+    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.exec_driver_sql(
+            f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'
+        )
+    await admin.dispose()
+
+
+async def seed_view(url: str, seed: int = 7) -> None:
+    from shared.store.models import AccountView, UserView
+
+    rng = random.Random(seed)
+    now = datetime.now(UTC)
+    accounts = [
+        {
+            "account_id": f"a{i:05d}",
+            "plan": rng.choice(("starter", "pro", "enterprise")),
+            "subscription_status": rng.choice(("active",) * 9 + ("past_due",)),
+            "mrr": rng.choice((99.0, 490.0, 1900.0, 9000.0)),
+            "renewal_date": now + timedelta(days=rng.randint(-10, 400)),
+            "first_seen": now - timedelta(days=rng.randint(5, 700)),
+            "last_seen": now - timedelta(hours=rng.randint(0, 200)),
+            "event_count": rng.randint(10, 5000),
+            "open_tickets": {f"t{j}": "normal" for j in range(rng.choice((0, 0, 0, 1, 3)))},
+            "last_nps": rng.choice((None, 3, 7, 9)),
+            "updated_at": now,
+        }
+        for i in range(ACCOUNTS)
+    ]
+    users = []
+    for i in range(USERS):
+        first = now - timedelta(days=rng.randint(1, 700))
+        usage = {a: rng.randint(1, 200) for a in rng.sample(AREAS, rng.randint(0, 5))}
+        daily = {
+            (now - timedelta(days=d)).date().isoformat(): rng.randint(0, 40)
+            for d in range(0, 14)
+            if rng.random() < 0.6
+        }
+        users.append(
+            {
+                "user_id": f"u{i:05d}",
+                "account_id": f"a{i % ACCOUNTS:05d}",
+                "role": rng.choice(ROLES),
+                "timezone": rng.choice(("UTC", "Europe/Paris", "America/New_York", "Asia/Tokyo")),
+                "first_seen": first,
+                "last_seen": now - timedelta(hours=rng.randint(0, 500)),
+                "event_count": sum(usage.values()),
+                "event_counts": {},
+                "track_events": {},
+                "feature_usage": usage,
+                "last_nps": rng.choice((None, None, 2, 6, 8, 10)),
+                "achieved": {},
+                "dismissed": {},
+                "updated_at": now,
+                **({"daily_usage": daily} if hasattr(UserView, "daily_usage") else {}),
+            }
+        )
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.execute(insert(AccountView), accounts)
+        for start in range(0, USERS, 2_000):
+            await conn.execute(insert(UserView), users[start : start + 2_000])
+    await engine.dispose()
+
+
+def train_model(registry: Path, trees: int = 200, seed: int = 7) -> str:
+    """A 200-tree lambdarank model on real feature rows (random contexts × the default
+    library) with a synthetic outcome, calibrated and promoted in the registry."""
+    from models.features import INDEX, Context, build_matrix
+    from models.ranker import promote, save_model
+    from models.train import fit_calibration, train_ranker, training_meta
+    from services.decision.engine import facts
+    from services.decision.library import load_library
+
+    rng = np.random.default_rng(seed)
+    elements = [facts(e) for e in load_library().elements]
+    now = datetime.now(UTC)
+    blocks, labels, groups = [], [], []
+    for _ in range(1_500):
+        ctx = Context(
+            now=now,
+            role=str(rng.choice(ROLES)),
+            first_seen=now - timedelta(days=int(rng.integers(1, 700))),
+            last_seen=now - timedelta(hours=int(rng.integers(0, 500))),
+            event_count=int(rng.integers(0, 3000)),
+            feature_usage={a: int(rng.integers(1, 100)) for a in AREAS if rng.random() < 0.4},
+            last_nps=int(rng.integers(0, 11)) if rng.random() < 0.5 else None,
+            open_tickets=int(rng.integers(0, 4)),
+            usage_7d=float(rng.integers(0, 100)),
+            usage_prev_7d=float(rng.integers(0, 100)),
+        )
+        m = build_matrix(ctx, elements)
+        logit = 3 * m[:, INDEX["rule_score"]] + m[:, INDEX["role_match"]] - 1.5
+        y = (rng.random(len(elements)) < 1 / (1 + np.exp(-logit))).astype(float)
+        blocks.append(m)
+        labels.append(y)
+        groups.append(len(elements))
+    x, y = np.vstack(blocks), np.concatenate(labels)
+    booster = train_ranker(x, y, groups, num_trees=trees)
+    meta = training_meta(len(y), len(groups)) | {
+        "calibration": fit_calibration(np.asarray(booster.predict(x)), y)
+    }
+    save_model(booster, registry, "bench-200", meta)
+    promote(registry, "bench-200")
+    return "bench-200"
+
+
+# ------------------------------------------------------------------ the server process
+
+
+def serve(port: int) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from services.app import build_app
+    from shared.logging import configure_logging
+    from shared.settings import Settings
+
+    settings = Settings()
+    configure_logging("WARNING", "decision")
+    app: FastAPI = build_app(settings, ["decision"])
+
+    @app.get("/v1/ping")
+    async def ping() -> dict[str, str]:  # the bench's trivial baseline, not product API
+        return {"status": "ok"}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, workers=1, log_config=None, access_log=False)
+
+
+# ------------------------------------------------------------------ the load process
+
+
+async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> int:
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    await reader.readexactly(length)
+    return status
+
+
+async def load(
+    port: int, route: str, concurrency: int, seconds: float, rate: float | None
+) -> dict[str, Any]:
+    """Closed loop (``rate`` None) or paced at ``rate`` requests/s overall, latency measured
+    from each request's scheduled start."""
+    rng = random.Random(concurrency)
+    latencies: list[float] = []
+    errors = 0
+
+    def path() -> str:
+        if route == "ping":
+            return "/v1/ping"
+        return f"/v1/next-best-value?user_id=u{rng.randrange(USERS):05d}&limit=3"
+
+    async def worker(index: int, stop_at: float, record: bool) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        interval = concurrency / rate if rate else 0.0
+        next_start = time.perf_counter() + (interval * index / concurrency if rate else 0.0)
+        try:
+            while True:
+                if rate:
+                    delay = next_start - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    scheduled = next_start
+                    next_start += interval
+                else:
+                    scheduled = time.perf_counter()
+                if scheduled >= stop_at:
+                    return
+                status = await _request(reader, writer, path())
+                if record:
+                    latencies.append(time.perf_counter() - scheduled)
+                    if status != 200:
+                        errors += 1
+        finally:
+            writer.close()
+
+    warm = time.perf_counter() + 1.0
+    await asyncio.gather(*(worker(i, warm, False) for i in range(concurrency)))
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i, started + seconds, True) for i in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    lat = np.array(latencies) * 1000
+    return {
+        "route": route,
+        "concurrency": concurrency,
+        "rate": rate,
+        "requests": len(latencies),
+        "errors": errors,
+        "per_s": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+    }
+
+
+def run_load(
+    port: int, route: str, concurrency: int, seconds: float, rate: float | None = None
+) -> dict[str, Any]:
+    args = [sys.executable, __file__, "--load", route, "--port", str(port)]
+    args += ["--concurrency", str(concurrency), "--seconds", str(seconds)]
+    if rate:
+        args += ["--rate", str(rate)]
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    print(json.dumps(result), file=sys.stderr)
+    return result
+
+
+# ------------------------------------------------------------------ main
+
+
+async def prepare(admin_url: str) -> str:
+    from shared.store.db import migrate
+
+    url = await fresh_database(admin_url)
+    await migrate(url)
+    await seed_view(url)
+    return url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--levels", default="1,2,4,8,16,32,64")
+    parser.add_argument("--serve", action="store_true")
+    parser.add_argument("--load")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--rate", type=float)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.port)
+        return
+    if args.load:
+        result = asyncio.run(load(args.port, args.load, args.concurrency, args.seconds, args.rate))
+        print(json.dumps(result))
+        return
+
+    from tests.harness import free_port
+
+    infra = infra_env()
+    admin_url = infra["NBV_DATABASE_URL"]
+    url = asyncio.run(prepare(admin_url))
+    registry = Path(tempfile.mkdtemp(prefix="nbv-bench-registry-"))
+    version = train_model(registry)
+    port = free_port()
+    env = {
+        **os.environ,
+        "NBV_DATABASE_URL": url,
+        "NBV_BUS": "kafka",
+        "NBV_KAFKA_BOOTSTRAP": infra["NBV_KAFKA_BOOTSTRAP"],
+        "NBV_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:8]}.",
+        "NBV_MODEL_DIR": str(registry),
+        "NBV_AUTO_MIGRATE": "false",
+    }
+    server = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port)], env=env)
+    try:
+        _wait_ready(port)
+        levels = [int(n) for n in args.levels.split(",")]
+        decisions = [run_load(port, "nbv", c, args.seconds) for c in levels]
+        peak = max(decisions, key=lambda r: r["per_s"])
+        # Paced at half the peak, right after the closed-loop runs (same state of the store).
+        half = run_load(port, "nbv", peak["concurrency"], args.seconds, rate=peak["per_s"] / 2)
+        trivial = [run_load(port, "ping", c, args.seconds) for c in levels]
+        trivial_peak = max(r["per_s"] for r in trivial)
+    finally:
+        server.terminate()
+        server.wait(30)
+        asyncio.run(drop_database(admin_url, url))
+    summary = {
+        "store": "postgresql",
+        "bus": "kafka",
+        "model": version,
+        "users": USERS,
+        "peak_concurrency": peak["concurrency"],
+        "p50_ms_at_peak": round(peak["p50_ms"], 2),
+        "p99_ms_at_peak": round(peak["p99_ms"], 2),
+        "half_peak_rate": round(peak["per_s"] / 2, 1),
+        "p50_ms_at_half_peak": round(half["p50_ms"], 2),
+        "trivial_per_s": round(trivial_peak, 1),
+        "errors": sum(r["errors"] for r in decisions) + half["errors"],
+    }
+    print(json.dumps(summary), file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                "decisions_per_s": round(peak["per_s"], 1),
+                "p99_ms_at_half_peak": round(half["p99_ms"], 2),
+                "ratio_to_trivial": round(peak["per_s"] / trivial_peak, 3),
+            }
+        )
+    )
+
+
+def _wait_ready(port: int, timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("decision server not ready")
+
+
+if __name__ == "__main__":
+    main()

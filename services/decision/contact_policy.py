@@ -1,0 +1,293 @@
+"""The contact policy: a rule layer above the ranker that decides whether an element may be
+offered now, and on which channel.
+
+Every "no" carries a rule name (the label of ``nbv_exclusions_total``) and a detail for the
+decision log. The history it counts is the decision log's ``contacts`` (one row per offered
+item), the open inbox cards and pending deliveries (read-only), and the person's preferences.
+Windows are rolling: "per day" is the last 24 hours, "per week" the last 7 days.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import String, bindparam, cast, func, literal, null, select, union_all
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.decision.library import ValueElement
+from shared.envelope import Channel
+from shared.settings import Settings
+from shared.store.models import ChannelPreference, Contact, Delivery, InboxItem
+
+# Channels that reach a person without them asking (in-app cards wait until they look).
+PUSH_CHANNELS = frozenset({Channel.EMAIL, Channel.CSM})
+OPEN_CARD_STATUSES = ("pending", "shown", "clicked")
+OPEN_DELIVERY_STATUSES = ("pending", "failed")
+DAY = timedelta(days=1)
+WEEK = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Offer:
+    element_id: str
+    channel: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class QuietWindow:
+    start: time
+    end: time
+    zone: ZoneInfo
+
+    def contains(self, now: datetime) -> bool:
+        local = now.astimezone(self.zone).time()
+        if self.start < self.end:
+            return self.start <= local < self.end
+        return local >= self.start or local < self.end  # wraps midnight
+
+    def ends_after(self, now: datetime) -> datetime:
+        """The first instant at or after ``now`` outside the window (UTC)."""
+        local = now.astimezone(self.zone)
+        end = local.replace(hour=self.end.hour, minute=self.end.minute, second=0, microsecond=0)
+        if end <= local:
+            end += DAY
+        return end.astimezone(UTC)
+
+
+@dataclass
+class ContactHistory:
+    """What the policy needs to know about one person (loaded once per decision)."""
+
+    offers: list[Offer] = field(default_factory=list)
+    open_elements: set[str] = field(default_factory=set)
+    csm_id: str | None = None
+    csm_alerts_last_day: int = 0
+    quiet: QuietWindow | None = None
+    channel_allowed: dict[str, bool] = field(default_factory=dict)
+    last_dismissal: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    rule: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class ContactLimits:
+    cap_per_day: dict[str, int]
+    cap_per_week: dict[str, int]
+    dismissal_suppression: timedelta
+    quiet_start: time
+    quiet_end: time
+    csm_alerts_per_day: int
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> ContactLimits:
+        return cls(
+            cap_per_day=dict(s.contact_cap_per_day),
+            cap_per_week=dict(s.contact_cap_per_week),
+            dismissal_suppression=timedelta(hours=s.dismissal_suppression_hours),
+            quiet_start=time.fromisoformat(s.quiet_hours_start),
+            quiet_end=time.fromisoformat(s.quiet_hours_end),
+            csm_alerts_per_day=s.csm_alerts_per_day,
+        )
+
+
+def _zone(name: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(name) if name else ZoneInfo("UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+def quiet_window(
+    limits: ContactLimits, user_timezone: str | None, preference: dict[str, object] | None
+) -> QuietWindow:
+    """The person's own quiet hours from the preference centre, else the default window, in
+    their timezone (UTC when unknown)."""
+    if preference and preference.get("start") and preference.get("end"):
+        zone = _zone(str(preference.get("timezone") or user_timezone or ""))
+        return QuietWindow(
+            time.fromisoformat(str(preference["start"])),
+            time.fromisoformat(str(preference["end"])),
+            zone,
+        )
+    return QuietWindow(limits.quiet_start, limits.quiet_end, _zone(user_timezone))
+
+
+class ContactPolicy:
+    def __init__(self, limits: ContactLimits) -> None:
+        self.limits = limits
+
+    def element_exclusion(
+        self, element: ValueElement, history: ContactHistory, now: datetime
+    ) -> Exclusion | None:
+        """Rules about the element whatever the channel: pending offer, cool-down."""
+        if element.id in history.open_elements:
+            return Exclusion("pending", "an offer of this element is still open")
+        if element.cooldown_days:
+            since = now - timedelta(days=element.cooldown_days)
+            last = max(
+                (o.at for o in history.offers if o.element_id == element.id and o.at > since),
+                default=None,
+            )
+            if last is not None:
+                return Exclusion(
+                    "cooldown", f"offered {last.isoformat()}; cool-down {element.cooldown_days} d"
+                )
+        return None
+
+    def channel_exclusion(
+        self,
+        channel: Channel,
+        history: ContactHistory,
+        now: datetime,
+        used: Counter[str] | None = None,
+    ) -> Exclusion | None:
+        """Rules about contacting this person on this channel now. ``used`` counts the items
+        already given this channel within the decision being made."""
+        name = channel.value
+        if history.channel_allowed.get(name) is False:
+            return Exclusion("opted_out", f"{name} turned off in the preference centre")
+        extra = used[name] if used else 0
+        day_cap = self.limits.cap_per_day.get(name)
+        week_cap = self.limits.cap_per_week.get(name)
+        if day_cap is not None or week_cap is not None:
+            on_channel = [o.at for o in history.offers if o.channel == name]
+            if day_cap is not None:
+                n = sum(1 for at in on_channel if at > now - DAY) + extra
+                if n >= day_cap:
+                    return Exclusion("cap_day", f"{n} {name} contact(s) in 24 h (cap {day_cap})")
+            if week_cap is not None:
+                n = sum(1 for at in on_channel if at > now - WEEK) + extra
+                if n >= week_cap:
+                    return Exclusion("cap_week", f"{n} {name} contact(s) in 7 d (cap {week_cap})")
+        if channel is Channel.EMAIL and history.last_dismissal is not None:
+            until = history.last_dismissal + self.limits.dismissal_suppression
+            if now < until:
+                return Exclusion(
+                    "dismissal_suppression",
+                    f"dismissed something at {history.last_dismissal.isoformat()}; "
+                    f"no email before {until.isoformat()}",
+                )
+        if channel in PUSH_CHANNELS and history.quiet is not None and history.quiet.contains(now):
+            q = history.quiet
+            return Exclusion("quiet_hours", f"{q.start:%H:%M}-{q.end:%H:%M} in {q.zone.key}")
+        if channel is Channel.CSM:
+            n = history.csm_alerts_last_day + extra
+            if n >= self.limits.csm_alerts_per_day:
+                return Exclusion(
+                    "csm_cap",
+                    f"CSM {history.csm_id} has {n} alert(s) in 24 h "
+                    f"(cap {self.limits.csm_alerts_per_day})",
+                )
+        return None
+
+    def resolve(
+        self,
+        element: ValueElement,
+        requested: Channel | None,
+        history: ContactHistory,
+        now: datetime,
+        used: Counter[str] | None = None,
+    ) -> tuple[Channel | None, Exclusion | None]:
+        """The channel to offer the element on, or why it cannot be offered now."""
+        excluded = self.element_exclusion(element, history, now)
+        if excluded:
+            return None, excluded
+        options: Sequence[Channel] = [requested] if requested else element.channels
+        first: Exclusion | None = None
+        for channel in options:
+            blocked = self.channel_exclusion(channel, history, now, used)
+            if blocked is None:
+                return channel, None
+            first = first or blocked
+        return None, first
+
+
+def history_horizon(elements: Iterable[ValueElement]) -> timedelta:
+    """How far back the policy looks: the longest cool-down, at least a week, at most a year."""
+    longest = max((e.cooldown_days for e in elements), default=7)
+    return timedelta(days=min(365, max(7, longest)))
+
+
+def _history_statement() -> Any:
+    no_channel = cast(null(), String)
+    no_time = cast(null(), Contact.at.type)
+    user: Any = bindparam("user_id")
+    return union_all(
+        select(literal("c"), Contact.element_id, Contact.channel, Contact.at).where(
+            Contact.user_id == user, Contact.at > bindparam("since", type_=Contact.at.type)
+        ),
+        select(literal("o"), InboxItem.element_id, no_channel, no_time).where(
+            InboxItem.user_id == user, InboxItem.status.in_(OPEN_CARD_STATUSES)
+        ),
+        select(literal("o"), Delivery.element_id, no_channel, no_time).where(
+            Delivery.user_id == user, Delivery.status.in_(OPEN_DELIVERY_STATUSES)
+        ),
+    )
+
+
+# Built once, so its compiled form and cache key are reused on every decision.
+_HISTORY = _history_statement()
+
+
+async def load_history(
+    session: AsyncSession,
+    limits: ContactLimits,
+    *,
+    user_id: str,
+    user_timezone: str | None,
+    preference: ChannelPreference | None,
+    dismissed: dict[str, str],
+    csm_id: str | None,
+    now: datetime,
+    horizon: timedelta,
+    need_csm_load: bool,
+) -> ContactHistory:
+    # One round trip: the person's recent offers ("c") and open cards or deliveries ("o").
+    rows = await session.execute(_HISTORY, {"user_id": user_id, "since": now - horizon})
+    offers: list[Offer] = []
+    open_elements: set[str] = set()
+    for kind, element_id, channel, at in rows.all():
+        if kind == "c":
+            offers.append(Offer(element_id, channel, at))
+        else:
+            open_elements.add(element_id)
+    csm_load = 0
+    if need_csm_load and csm_id is not None:
+        csm_load = int(
+            await session.scalar(
+                select(func.count())
+                .select_from(Contact)
+                .where(Contact.csm_id == csm_id, Contact.channel == "csm", Contact.at > now - DAY)
+            )
+            or 0
+        )
+    dismissals = [_parse_time(v) for v in dismissed.values()]
+    return ContactHistory(
+        offers=offers,
+        open_elements=open_elements,
+        csm_id=csm_id,
+        csm_alerts_last_day=csm_load,
+        quiet=quiet_window(limits, user_timezone, preference.quiet_hours if preference else None),
+        channel_allowed={
+            str(k): bool(v) for k, v in (preference.channels if preference else {}).items()
+        },
+        last_dismissal=max((d for d in dismissals if d is not None), default=None),
+    )
+
+
+def _parse_time(value: str) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -1,0 +1,352 @@
+"""The decision service through its HTTP API and its consumers, on the embedded store and bus,
+and on the real PostgreSQL + Kafka (marked integration)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from models.features import FEATURES, INDEX
+from models.ranker import promote, save_model
+from models.train import train_ranker, training_meta
+from services.decision.playbook_runs import STEP_JOB
+from services.decision.service import DecisionService
+from shared.bus import Message
+from shared.envelope import TriggerEvent, TriggerPayload, encode
+from shared.http import create_app
+from shared.runtime import Runtime
+from shared.settings import Settings
+from shared.store.models import AccountView, ChannelPreference, ScheduledJob, UserView
+from tests.harness import eventually
+
+NOW = datetime.now(UTC)
+
+
+@dataclass
+class Running:
+    http: httpx.AsyncClient
+    service: DecisionService
+    runtime: Runtime
+
+
+@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.integration)])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    base: Settings = request.getfixturevalue(f"{request.param}_settings")
+    # Quiet hours that never cover the test run, unless a test sets its own preference.
+    start = (NOW + timedelta(hours=6)).strftime("%H:00")
+    end = (NOW + timedelta(hours=7)).strftime("%H:00")
+    # The embedded variant uses its own SQLite file even when NBV_DATABASE_URL is exported.
+    store = {"database_url": ""} if request.param == "embedded" else {}
+    return base.model_copy(
+        update={
+            **store,
+            "model_dir": tmp_path / "registry",
+            "quiet_hours_start": start,
+            "quiet_hours_end": end,
+            "model_poll_s": 0.2,
+            "library_poll_s": 0.2,
+        }
+    )
+
+
+async def _seed(rt: Runtime) -> None:
+    def user(uid: str, role: str, account: str, tz: str = "UTC", **kw: Any) -> UserView:
+        return UserView(
+            user_id=uid,
+            account_id=account,
+            role=role,
+            timezone=tz,
+            first_seen=NOW - timedelta(days=kw.pop("tenure", 60)),
+            last_seen=NOW - timedelta(hours=1),
+            event_count=40,
+            event_counts={},
+            track_events={"project_created": 1},
+            feature_usage={"core": 30},
+            achieved={},
+            dismissed={},
+            updated_at=NOW,
+            **kw,
+        )
+
+    async with rt.sessions() as session, session.begin():
+        session.add_all(
+            [
+                AccountView(
+                    account_id="acme",
+                    plan="pro",
+                    subscription_status="active",
+                    mrr=2000.0,
+                    first_seen=NOW - timedelta(days=90),
+                    last_seen=NOW,
+                    event_count=100,
+                    open_tickets={},
+                    updated_at=NOW,
+                ),
+                user("u-end", "end_user", "acme"),
+                user("u-champ", "champion", "acme"),
+                user("u-admin", "admin", "acme"),
+                user("u-buyer", "economic_buyer", "acme"),
+            ]
+        )
+
+
+@pytest.fixture
+async def running(settings: Settings) -> AsyncIterator[Running]:
+    rt = Runtime.from_settings(settings)
+    service = DecisionService(rt)
+    app: FastAPI = create_app(rt, [lambda _: service])
+    async with app.router.lifespan_context(app):
+        await _seed(rt)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://nbv") as http:
+            yield Running(http, service, rt)
+
+
+async def _nbv(r: Running, user: str, **params: Any) -> dict[str, Any]:
+    resp = await r.http.get("/v1/next-best-value", params={"user_id": user, **params})
+    assert resp.status_code == 200, resp.text
+    body: dict[str, Any] = resp.json()
+    return body
+
+
+NEW_ELEMENT = {
+    "id": "share-feedback",
+    "title": "Tell us what to build next",
+    "what": "Answer three questions about what slows you down.",
+    "why": "Your answers decide the next release.",
+    "how": [{"type": "link", "label": "Open the survey", "url": "/feedback"}],
+    "kind": "quiz",
+    "roles": [],
+    "stage": "engage",
+    "channels": ["in_app"],
+    "effort_minutes": 1,
+    "value_weight": 1.0,
+    "cooldown_days": 0,
+}
+
+
+async def test_library_admin_changes_are_served_without_restart(running: Running) -> None:
+    http = running.http
+    listed = (await http.get("/v1/admin/elements")).json()
+    v0 = listed["library_version"]
+    assert len(listed["elements"]) >= 30
+
+    put = await http.put("/v1/admin/elements/share-feedback", json=NEW_ELEMENT)
+    assert put.status_code == 200, put.text
+    assert put.json()["library_version"] == v0 + 1
+    ids = [i["element_id"] for i in (await _nbv(running, "u-end", limit=20))["items"]]
+    assert "share-feedback" in ids
+
+    bad = await http.put(
+        "/v1/admin/elements/share-feedback", json=NEW_ELEMENT | {"value_weight": 3}
+    )
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "value_weight"
+    mismatch = await http.put("/v1/admin/elements/other-id", json=NEW_ELEMENT)
+    assert mismatch.status_code == 422 and "id" in mismatch.text
+
+    blocked = await http.delete("/v1/admin/elements/create-first-project")
+    assert blocked.status_code == 409 and "prerequisite" in blocked.text
+    assert (await http.delete("/v1/admin/elements/share-feedback")).status_code == 200
+    assert (await http.get("/v1/admin/elements/share-feedback")).status_code == 404
+    ids = [i["element_id"] for i in (await _nbv(running, "u-champ", limit=20))["items"]]
+    assert "share-feedback" not in ids
+
+    imported = await http.post(
+        "/v1/admin/library/import", json={"source": "test", "elements": [NEW_ELEMENT]}
+    )
+    assert imported.status_code == 200, imported.text
+    versions = (await http.get("/v1/admin/library/versions")).json()
+    assert [v["version"] for v in versions[:4]] == [v0 + 3, v0 + 2, v0 + 1, v0]
+    assert versions[0]["element_count"] == 1
+    only = (await _nbv(running, "u-admin", limit=5))["items"]
+    assert [i["element_id"] for i in only] == ["share-feedback"]
+
+
+async def test_contact_policy_exclusions_are_logged_with_reasons(running: Running) -> None:
+    first = await _nbv(running, "u-champ", channel="email", limit=3)
+    # The email cap (1 a day by default) lets one item through, the rest is recorded.
+    assert len(first["items"]) == 1
+    log = (await running.http.get(f"/v1/decisions/{first['decision_id']}")).json()
+    rules = {c["excluded_by"] for c in log["candidates"]}
+    assert {"channel", "role"} <= rules  # eligibility rules still apply
+    assert any("within this decision" in c["detail"] for c in log["candidates"])
+
+    second = await _nbv(running, "u-champ", channel="email", limit=3)
+    assert second["items"] == []
+    log2 = (await running.http.get(f"/v1/decisions/{second['decision_id']}")).json()
+    reasons = {c["element_id"]: c["excluded_by"] for c in log2["candidates"]}
+    assert reasons[first["items"][0]["element_id"]] in ("cooldown", "pending")
+    assert "cap_day" in reasons.values()
+    assert any(line.startswith("excluded:") for line in log2["explanation"])
+    metrics = (await running.http.get("/metrics")).text
+    assert 'nbv_exclusions_total{rule="cap_day"}' in metrics
+
+    # In-app: the element just offered is not offered again while in cool-down.
+    a = await _nbv(running, "u-end", limit=3)
+    b = await _nbv(running, "u-end", limit=3)
+    assert not {i["element_id"] for i in a["items"]} & {i["element_id"] for i in b["items"]}
+    for item in a["items"]:
+        assert item["reason"] and 0 < item["propensity"] <= 1
+        assert item["content"]["what"] and item["content"]["how"]
+
+
+async def test_cold_start_and_batch(running: Running) -> None:
+    missing = await running.http.get("/v1/next-best-value", params={"user_id": "ghost"})
+    assert missing.status_code == 404 and "ghost" in missing.json()["detail"]
+    cold = await _nbv(running, "ghost", cold_start="true")
+    assert cold["cold_start"] is True and cold["decision_id"] is None
+    assert cold["items"] and all(i["reason"].startswith("cold start") for i in cold["items"])
+
+    batch = await running.http.post(
+        "/v1/next-best-value/batch", json={"user_ids": ["u-end", "ghost", "u-admin"], "limit": 2}
+    )
+    assert batch.status_code == 200, batch.text
+    body = batch.json()
+    assert [r["user_id"] for r in body["results"]] == ["u-end", "u-admin"]
+    assert body["errors"] == [{"user_id": "ghost", "error": "unknown user_id"}]
+    too_many = await running.http.post(
+        "/v1/next-best-value/batch", json={"user_ids": [f"u{i}" for i in range(101)]}
+    )
+    # A list over its maximum is "too large" (413), naming the field.
+    assert too_many.status_code == 413 and "user_ids" in too_many.text
+
+
+async def _trigger(rt: Runtime, name: str, user: str | None) -> str:
+    event = TriggerEvent(
+        type="nbv.trigger",
+        source="test",
+        account_id="acme",
+        user_id=user,
+        payload=TriggerPayload(trigger=name, reason="test", cause_event_id=str(uuid.uuid4())),
+    )
+    await rt.bus.publish(rt.topic("triggers"), [Message("acme", encode(event))])
+    return event.id
+
+
+async def _jobs(rt: Runtime, like: str) -> dict[str, str]:
+    async with rt.sessions() as session:
+        rows = await session.execute(
+            select(ScheduledJob.key, ScheduledJob.status).where(ScheduledJob.key.like(like))
+        )
+        return {k: s for k, s in rows.all()}
+
+
+async def test_usage_drop_playbook_runs_on_the_scheduler_and_stops_on_recovery(
+    running: Running,
+) -> None:
+    rt = running.runtime
+    trigger_id = await _trigger(rt, "usage_drop", "u-end")
+    prefix = f"playbook:usage-drop:u-end:{trigger_id}:"
+    jobs = await eventually(
+        lambda: _jobs(rt, prefix + "%"), lambda j: len(j) == 3, what="3 scheduled steps"
+    )
+    assert set(jobs) == {
+        prefix + s for s in ("day1-we-miss-you", "day4-csm-email", "day9-csm-call")
+    }
+
+    # Day 1 comes: the automated email is decided, logged and published.
+    ran = await running.service.scheduler.run_due(datetime.now(UTC) + timedelta(hours=25))
+    assert ran == 1
+    async with rt.sessions() as session:
+        job = await session.get(ScheduledJob, prefix + "day1-we-miss-you")
+        assert job is not None and job.status == "done", job and job.last_error
+    decision_id = str(uuid.uuid5(uuid.NAMESPACE_URL, prefix + "day1-we-miss-you"))
+    log = (await running.http.get(f"/v1/decisions/{decision_id}")).json()
+    assert log["trigger"] == "playbook:usage-drop:day1-we-miss-you"
+    assert [(c["element_id"], c["channel"]) for c in log["chosen"]] == [
+        ("we-miss-you-tips-email", "email")
+    ]
+
+    # Usage recovers: the remaining steps are cancelled.
+    await _trigger(rt, "usage_recovered", "u-end")
+    await eventually(
+        lambda: _jobs(rt, prefix + "%"),
+        lambda j: sorted(j.values()) == ["cancelled", "cancelled", "done"],
+        what="remaining steps cancelled",
+    )
+
+
+async def test_account_trigger_fans_out_to_the_audience_and_quiet_hours_defer(
+    running: Running,
+) -> None:
+    rt = running.runtime
+    # The admin is in quiet hours right now (their own preference); the buyer is not.
+    async with rt.sessions() as session, session.begin():
+        session.add(
+            ChannelPreference(
+                user_id="u-admin",
+                channels={},
+                quiet_hours={
+                    "start": (NOW - timedelta(hours=1)).strftime("%H:%M:00"),
+                    "end": (NOW + timedelta(hours=2)).strftime("%H:%M:00"),
+                    "timezone": "UTC",
+                },
+                opted_out_kinds=[],
+                opted_out_elements=[],
+            )
+        )
+    trigger_id = await _trigger(rt, "payment_failed", None)  # account-level
+    jobs = await eventually(
+        lambda: _jobs(rt, f"playbook:payment-failed:%:{trigger_id}:%"),
+        lambda j: len(j) == 2,
+        what="one step per admin and economic buyer",
+    )
+    assert {k.split(":")[2] for k in jobs} == {"u-admin", "u-buyer"}
+    await running.service.scheduler.run_due(datetime.now(UTC) + timedelta(seconds=1))
+    deferred = await _jobs(rt, f"playbook:payment-failed:u-admin:{trigger_id}:%@%")
+    assert len(deferred) == 1 and next(iter(deferred.values())) == "pending"
+    async with rt.sessions() as session:
+        due = await session.scalar(
+            select(ScheduledJob.due_at).where(ScheduledJob.key == next(iter(deferred)))
+        )
+        kinds = set(await session.scalars(select(ScheduledJob.kind)))
+    assert due is not None and due > datetime.now(UTC) + timedelta(hours=1)
+    assert kinds == {STEP_JOB}
+    assert not await _jobs(rt, f"playbook:payment-failed:u-buyer:{trigger_id}:%@%")
+
+
+async def test_a_promoted_model_is_swapped_in_and_explains_itself(running: Running) -> None:
+    assert (await _nbv(running, "u-end"))["model_version"] == "rules-v1"
+    rng = np.random.default_rng(0)
+    x = rng.random((600, len(FEATURES)))
+    y = (x[:, INDEX["value_weight"]] > 0.6).astype(float)
+    registry = running.runtime.settings.model_dir
+    save_model(train_ranker(x, y, [6] * 100, num_trees=20), registry, "m1", training_meta(600, 100))
+    promote(registry, "m1")
+
+    async def version() -> str:
+        return str((await _nbv(running, "u-champ"))["model_version"])
+
+    await eventually(version, lambda v: v == "m1", what="hot-swapped model", timeout=10)
+    answer = await _nbv(running, "u-buyer")
+    assert answer["items"] and "business value" in answer["items"][0]["reason"]
+    metrics = (await running.http.get("/metrics")).text
+    assert 'nbv_model_info{kind="lightgbm",version="m1"} 1.0' in metrics
+    assert 'version="rules-v1"' not in metrics.split("nbv_model_info", 1)[1].split("# HELP")[0]
+
+
+async def test_a_campaign_is_launched_over_a_target_list_once(running: Running) -> None:
+    body = {"campaign_id": "release-q4", "user_ids": ["u-end", "u-admin", "ghost"]}
+    first = await running.http.post("/v1/admin/playbooks/release-campaign/launch", json=body)
+    assert first.status_code == 202, first.text
+    assert first.json() == {
+        "playbook": "release-campaign",
+        "scheduled_steps": 2,
+        "unknown_users": ["ghost"],
+    }
+    again = await running.http.post("/v1/admin/playbooks/release-campaign/launch", json=body)
+    assert again.json()["scheduled_steps"] == 0  # the same campaign id schedules nothing twice
+    missing = await running.http.post("/v1/admin/playbooks/nope/launch", json=body)
+    assert missing.status_code == 404
+    listed = (await running.http.get("/v1/admin/playbooks")).json()
+    assert "usage-drop" in {p["name"] for p in listed["playbooks"]} and listed["rules"]
