@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # Account → CSM owner; accounts not listed belong to csm_default_owner.
     csm_owners: dict[str, str] = {}
     csm_default_owner: str = "cs-team"
+    # Chosen items whose reason cites the model's SHAP contributions (about 1 ms per item on a
+    # 200-tree model); the others cite the rule prior's factors.
+    decision_explain_items: int = Field(default=1, ge=0, le=20)
 
     # Ingest: sources, the customer view's windows and scores, triggers (docs/ingest.md).
     stripe_webhook_secret: SecretStr = SecretStr("")
@@ -117,6 +120,9 @@ class Settings(BaseSettings):
 
     # Operations: how often each consumer reports its lag (nbv_consumer_lag_records).
     consumer_lag_interval_s: float = Field(default=10.0, gt=0)
+
+    # HTTP: the largest request body accepted; bigger ones get 413 before being buffered.
+    max_body_bytes: int = Field(default=1_048_576, ge=1_024)
 
     @property
     def resolved_database_url(self) -> str:
