@@ -56,3 +56,9 @@ class DecisionMessage(BaseModel):
     trigger: str | None = None
     model_version: str
     items: list[DecidedItem]
+
+
+# Inbox card statuses shared by delivery (which moves them) and decision (which must not
+# offer an element again while its card is still open or only snoozed).
+OPEN_CARD_STATUSES = ("pending", "shown", "clicked")
+HELD_CARD_STATUSES = (*OPEN_CARD_STATUSES, "snoozed")

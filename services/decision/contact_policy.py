@@ -20,13 +20,13 @@ from sqlalchemy import String, bindparam, cast, func, literal, null, select, uni
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.decision.library import ValueElement
+from shared.contracts import HELD_CARD_STATUSES
 from shared.envelope import Channel
 from shared.settings import Settings
 from shared.store.models import ChannelPreference, Contact, Delivery, InboxItem
 
 # Channels that reach a person without them asking (in-app cards wait until they look).
 PUSH_CHANNELS = frozenset({Channel.EMAIL, Channel.CSM})
-OPEN_CARD_STATUSES = ("pending", "shown", "clicked")
 OPEN_DELIVERY_STATUSES = ("pending", "failed")
 DAY = timedelta(days=1)
 WEEK = timedelta(days=7)
@@ -227,7 +227,7 @@ def _history_statement() -> Any:
             Contact.user_id == user, Contact.at > bindparam("since", type_=Contact.at.type)
         ),
         select(literal("o"), InboxItem.element_id, no_channel, no_time).where(
-            InboxItem.user_id == user, InboxItem.status.in_(OPEN_CARD_STATUSES)
+            InboxItem.user_id == user, InboxItem.status.in_(HELD_CARD_STATUSES)
         ),
         select(literal("o"), Delivery.element_id, no_channel, no_time).where(
             Delivery.user_id == user, Delivery.status.in_(OPEN_DELIVERY_STATUSES)

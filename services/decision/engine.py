@@ -334,6 +334,8 @@ class DecisionEngine:
             context={
                 "stage": ctx.stage(),
                 "features": context_vector(ctx),
+                # Lets the training export rebuild per-element features exactly.
+                "feature_usage": dict(ctx.feature_usage),
                 "rules_fired": list(effects.fired),
                 "library_version": library.version,
                 "csm_id": csm_id,

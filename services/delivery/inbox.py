@@ -14,11 +14,11 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.contracts import DecidedItem, DecisionMessage, ElementContent
+from shared.contracts import OPEN_CARD_STATUSES, DecidedItem, DecisionMessage, ElementContent
 from shared.store.db import dialect_insert
 from shared.store.models import InboxItem
 
-OPEN_STATUSES = ("pending", "shown", "clicked")
+OPEN_STATUSES = OPEN_CARD_STATUSES
 # A response never moves a card backwards (a late "shown" after "completed" changes nothing);
 # a snoozed card comes back as pending when its snooze ends.
 PROGRESS = {"pending": 0, "shown": 1, "clicked": 2, "snoozed": 3, "completed": 4, "dismissed": 4}
