@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import logging
-import time
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, status
 from pydantic import BaseModel, Field
 
 from services.ingest.projector import Projector
-from services.ingest.view import AccountState, UserState
-from shared.bus import Message
-from shared.envelope import InboundEvent, encode
-from shared.metrics import EVENTS_INGESTED
+from services.ingest.publisher import Accepted, publish
+from services.ingest.schedule import IngestScheduler
+from services.ingest.sources import SourceRoutes
+from services.ingest.summary import (
+    AccountViewOut,
+    UserViewOut,
+    account_summary,
+    user_summary,
+)
+from services.ingest.view import AccountState, UserState, ViewConfig
+from shared.envelope import InboundEvent
 from shared.runtime import Runtime
 from shared.store.models import AccountView, UserView
 
@@ -26,20 +33,17 @@ class EventBatch(BaseModel):
     events: Annotated[list[InboundEvent], Field(min_length=1, max_length=MAX_BATCH)]
 
 
-class Accepted(BaseModel):
-    accepted: int
-    ids: list[str]
-
-
 class IngestService:
     name = "ingest"
 
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
+        self._config = ViewConfig.from_settings(runtime.settings)
         self._projector = Projector(runtime)
         self._worker = runtime.worker(
             topics=["events"], group="projector", handler=self._projector.handle
         )
+        self.scheduler = IngestScheduler(runtime)
         self.router = APIRouter(tags=["ingest"])
         self.router.add_api_route(
             "/v1/events",
@@ -59,52 +63,37 @@ class IngestService:
         self.router.add_api_route(
             "/v1/accounts/{account_id}/view", self.account_view, methods=["GET"]
         )
+        self.router.include_router(SourceRoutes(runtime).router)
 
     async def start(self) -> None:
         await self._worker.start()
+        await self.scheduler.start()
 
     async def stop(self) -> None:
+        await self.scheduler.stop()
         await self._worker.stop()
 
-    async def _publish(self, events: list[InboundEvent]) -> Accepted:
-        published_ms = str(int(time.time() * 1000)).encode()
-        messages = [
-            Message(
-                key=e.account_id,
-                value=encode(e),
-                headers=(("nbv-event-id", e.id.encode()), ("nbv-published-ms", published_ms)),
-            )
-            for e in events
-        ]
-        try:
-            await self._rt.bus.publish(self._rt.topic("events"), messages)
-        except Exception as exc:
-            log.exception("publish failed")
-            # Nothing was acknowledged: the sender retries with the same ids, duplicates are
-            # dropped by the projector.
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE, "event log unavailable"
-            ) from exc
-        for e in events:
-            EVENTS_INGESTED.labels(e.source, e.type).inc()
-        return Accepted(accepted=len(events), ids=[e.id for e in events])
-
     async def post_event(self, event: Annotated[InboundEvent, Body()]) -> Accepted:
-        return await self._publish([event])
+        return await publish(self._rt, [event])
 
     async def post_batch(self, batch: EventBatch) -> Accepted:
-        return await self._publish(batch.events)
+        return await publish(self._rt, batch.events)
 
-    async def user_view(self, user_id: str) -> UserState:
+    async def user_view(self, user_id: str) -> UserViewOut:
         async with self._rt.sessions() as session:
             row = await session.get(UserView, user_id)
         if row is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no view for user {user_id!r}")
-        return UserState.model_validate(row, from_attributes=True)
+        state = UserState.model_validate(row, from_attributes=True)
+        return UserViewOut(**state.model_dump(), summary=user_summary(state, datetime.now(UTC)))
 
-    async def account_view(self, account_id: str) -> AccountState:
+    async def account_view(self, account_id: str) -> AccountViewOut:
         async with self._rt.sessions() as session:
             row = await session.get(AccountView, account_id)
         if row is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no view for account {account_id!r}")
-        return AccountState.model_validate(row, from_attributes=True)
+        state = AccountState.model_validate(row, from_attributes=True)
+        return AccountViewOut(
+            **state.model_dump(),
+            summary=account_summary(state, datetime.now(UTC), self._config),
+        )

@@ -1,29 +1,98 @@
 """The single customer view, and how one event changes it (pure functions, no I/O).
 
 Every rule here is order-tolerant where it matters (max/min of times, newest answer wins by
-event time), so a late event lands where it belongs and a replay rebuilds the same view.
-Updated-at fields follow event time, not wall-clock time, for the same reason.
+event time, day buckets keyed by event time), so a late event lands where it belongs and a
+replay rebuilds the same view. Updated-at fields follow event time, not wall-clock time, for the
+same reason. Read-time figures (windows as of now, sophistication, scores) are in summary.py.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
 from pydantic import BaseModel, Field
 
+from services.ingest import health as scores
+from services.ingest import windows
+from services.ingest.triggers import Trigger, TriggerName, caused_by
 from shared.envelope import (
+    ContactRoleEvent,
+    CsatEvent,
     Event,
+    GroupEvent,
     IdentifyEvent,
+    InvoicePaidEvent,
     NpsEvent,
     Outcome,
+    PageEvent,
+    PaymentFailedEvent,
     ResponseEvent,
+    Role,
     SubscriptionEvent,
     TicketOpenedEvent,
     TicketSolvedEvent,
+    TicketUpdatedEvent,
     TrackEvent,
 )
+from shared.settings import Settings
+
+__all__ = [
+    "AccountState",
+    "Trigger",
+    "UserState",
+    "ViewConfig",
+    "apply_event",
+    "apply_to_account",
+    "apply_to_user",
+    "new_account",
+    "new_user",
+    "refresh_scores",
+]
 
 NPS_DETRACTOR_MAX = 6
+RECENT_INTERVENTIONS = 50
+GENERAL_AREA = "general"
+# A track event with this name carries a quiz result: properties.score in 0..1 or 0..100.
+QUIZ_EVENT = "quiz_completed"
+PAYING = ("active", "trialing")
+# A subscription turning past_due this soon after a recorded payment failure is the same story.
+SAME_FAILURE = timedelta(days=1)
+
+
+class ViewConfig(BaseModel):
+    """The knobs of the view, from settings (defaults match Settings' defaults)."""
+
+    max_lateness: timedelta = timedelta(days=2)
+    usage_drop_pct: float = 50.0
+    ticket_spike_7d: int = 3
+    health_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(Settings.model_fields["health_weights"].default)
+    )
+    engagement_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(Settings.model_fields["engagement_weights"].default)
+    )
+    health_red_below: float = 40.0
+    health_green_from: float = 70.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ViewConfig:
+        return cls(
+            max_lateness=settings.max_lateness,
+            usage_drop_pct=settings.usage_drop_pct,
+            ticket_spike_7d=settings.ticket_spike_7d,
+            health_weights=settings.health_weights,
+            engagement_weights=settings.engagement_weights,
+            health_red_below=settings.health_red_below,
+            health_green_from=settings.health_green_from,
+        )
+
+    @property
+    def keep_days(self) -> int:
+        return windows.retention_days(self.max_lateness)
+
+
+DEFAULT_CONFIG = ViewConfig()
 
 
 class UserState(BaseModel):
@@ -44,6 +113,29 @@ class UserState(BaseModel):
     achieved: dict[str, str] = Field(default_factory=dict)
     dismissed: dict[str, str] = Field(default_factory=dict)
     updated_at: datetime
+    # Product usage (track + page) per UTC day of the event, see windows.py.
+    daily_usage: dict[str, int] = Field(default_factory=dict)
+    last_active: datetime | None = None
+    # feature area -> event name -> count: breadth and depth per area.
+    area_events: dict[str, dict[str, int]] = Field(default_factory=dict)
+    # feature area -> [sum of quiz scores in 0..1, number of quizzes]
+    quiz_scores: dict[str, list[float]] = Field(default_factory=dict)
+    # feature area -> support tickets the user opened about it
+    support_questions: dict[str, int] = Field(default_factory=dict)
+    tickets_opened: int = 0
+    last_csat: int | None = None
+    last_csat_at: datetime | None = None
+    csat_sum: float = 0.0
+    csat_count: int = 0
+    # element id -> newest time it was shown, clicked or snoozed (pending unless resolved)
+    offered: dict[str, str] = Field(default_factory=dict)
+    # The newest responses, newest last: {decision_id, element_id, outcome, channel, at}.
+    interventions: list[dict[str, Any]] = Field(default_factory=list)
+    crm_roles: list[str] = Field(default_factory=list)
+    left_at: datetime | None = None
+    milestones: dict[str, str] = Field(default_factory=dict)
+    identified_at: datetime | None = None
+    role_at: datetime | None = None
 
 
 class AccountState(BaseModel):
@@ -59,17 +151,38 @@ class AccountState(BaseModel):
     last_nps: int | None = None
     last_nps_at: datetime | None = None
     updated_at: datetime
-
-
-class Trigger(BaseModel):
-    """A line the view crossed; the decision service reacts to it."""
-
-    name: str
-    reason: str
-    account_id: str
-    user_id: str | None
-    cause_event_id: str
-    time: datetime
+    name: str | None = None
+    subscription_id: str | None = None
+    customer_id: str | None = None
+    billing_updated_at: datetime | None = None
+    contract_signed_at: datetime | None = None
+    payment_failures: int = 0
+    last_payment_failed_at: datetime | None = None
+    invoices_paid: int = 0
+    last_invoice_paid_at: datetime | None = None
+    user_count: int = 0
+    daily_usage: dict[str, int] = Field(default_factory=dict)
+    daily_active_users: dict[str, int] = Field(default_factory=dict)
+    feature_usage: dict[str, int] = Field(default_factory=dict)
+    # feature area -> last UTC day it was used (breadth over a window)
+    area_last_used: dict[str, str] = Field(default_factory=dict)
+    tickets_daily: dict[str, int] = Field(default_factory=dict)
+    tickets_total: int = 0
+    # ticket id -> time solved: a late "opened" or "updated" does not reopen it.
+    solved_tickets: dict[str, str] = Field(default_factory=dict)
+    csat_sum: float = 0.0
+    csat_count: int = 0
+    last_csat: int | None = None
+    last_csat_at: datetime | None = None
+    # role -> user id of the current contact (champion, economic_buyer, admin)
+    contacts: dict[str, str] = Field(default_factory=dict)
+    # intervention outcome -> count
+    responses: dict[str, int] = Field(default_factory=dict)
+    health_score: float | None = None
+    health_band: str | None = None
+    health_components: dict[str, Any] = Field(default_factory=dict)
+    engagement_score: float | None = None
+    engagement_components: dict[str, Any] = Field(default_factory=dict)
 
 
 def new_user(event: Event) -> UserState:
@@ -92,11 +205,45 @@ def new_account(event: Event) -> AccountState:
     )
 
 
-def _bump(counter: dict[str, int], key: str) -> None:
-    counter[key] = counter.get(key, 0) + 1
+def _bump(counter: dict[str, int], key: str, by: int = 1) -> None:
+    counter[key] = counter.get(key, 0) + by
 
 
-def apply_to_user(user: UserState, event: Event) -> list[Trigger]:
+def _newer(at: datetime, than: datetime | None) -> bool:
+    return than is None or at >= than
+
+
+def _usage_area(event: Event) -> tuple[str, str] | None:
+    """(feature area, event name) of a product usage event; None for other events."""
+    match event:
+        case TrackEvent(payload=p):
+            return p.feature_area or GENERAL_AREA, p.event
+        case PageEvent(payload=p):
+            return p.feature_area or p.category or GENERAL_AREA, f"page:{p.name}"
+    return None
+
+
+def apply_event(
+    account: AccountState,
+    user: UserState | None,
+    event: Event,
+    config: ViewConfig = DEFAULT_CONFIG,
+) -> list[Trigger]:
+    """Fold one event into its account and (if any) user; what only both together know (daily
+    active users) is counted here."""
+    triggers = apply_to_account(account, event, config)
+    if user is not None:
+        before = user.daily_usage.get(windows.day_key(event.time), 0)
+        triggers += apply_to_user(user, event, config)
+        after = user.daily_usage.get(windows.day_key(event.time), 0)
+        if before == 0 and after > 0:
+            windows.add(account.daily_active_users, event.time, account.last_seen, config.keep_days)
+    return triggers
+
+
+def apply_to_user(
+    user: UserState, event: Event, config: ViewConfig = DEFAULT_CONFIG
+) -> list[Trigger]:
     """Fold one (not yet applied) event into the user's view; return the triggers it fires."""
     triggers: list[Trigger] = []
     user.account_id = event.account_id
@@ -105,69 +252,278 @@ def apply_to_user(user: UserState, event: Event) -> list[Trigger]:
     user.updated_at = max(user.updated_at, event.time)
     user.event_count += 1
     _bump(user.event_counts, event.type)
+    usage = _usage_area(event)
+    if usage is not None:
+        triggers += _user_usage(user, event, usage, config)
     match event:
         case TrackEvent(payload=p):
             _bump(user.track_events, p.event)
             if p.feature_area:
                 _bump(user.feature_usage, p.feature_area)
+            if p.event == QUIZ_EVENT:
+                _quiz(user, usage[0] if usage else GENERAL_AREA, p.properties.get("score"))
+            if p.properties.get("milestone") and p.event not in user.milestones:
+                user.milestones[p.event] = event.time.isoformat()
+                triggers.append(
+                    caused_by(TriggerName.MILESTONE_ACHIEVED, f"milestone {p.event}", event)
+                )
         case IdentifyEvent(payload=p):
-            for name in ("email", "name", "timezone"):
-                value = getattr(p, name)
-                if value is not None:
-                    setattr(user, name, value)
-            if p.role is not None:
-                user.role = p.role.value
+            # The newest identify wins, whatever order they arrive in.
+            if _newer(event.time, user.identified_at):
+                user.identified_at = event.time
+                for name in ("email", "name", "timezone"):
+                    value = getattr(p, name)
+                    if value is not None:
+                        setattr(user, name, value)
+            if p.role is not None and _newer(event.time, user.role_at):
+                user.role, user.role_at = p.role.value, event.time
         case NpsEvent(payload=p):
-            if user.last_nps_at is None or event.time >= user.last_nps_at:
+            was_detractor = user.last_nps is not None and user.last_nps <= NPS_DETRACTOR_MAX
+            if _newer(event.time, user.last_nps_at):
                 user.last_nps, user.last_nps_at = p.score, event.time
+                if was_detractor and p.score > NPS_DETRACTOR_MAX:
+                    triggers.append(
+                        caused_by(TriggerName.NPS_RECOVERED, f"NPS answer {p.score}", event)
+                    )
             if p.score <= NPS_DETRACTOR_MAX:
-                triggers.append(_trigger("nps_detractor", f"NPS answer {p.score}", event))
+                triggers.append(
+                    caused_by(TriggerName.NPS_DETRACTOR, f"NPS answer {p.score}", event)
+                )
+        case CsatEvent(payload=p):
+            user.csat_sum += p.score
+            user.csat_count += 1
+            if _newer(event.time, user.last_csat_at):
+                user.last_csat, user.last_csat_at = p.score, event.time
+        case TicketOpenedEvent(payload=p):
+            user.tickets_opened += 1
+            _bump(user.support_questions, p.feature_area or GENERAL_AREA)
         case ResponseEvent(payload=p):
-            at = event.time.isoformat()
-            if p.outcome is Outcome.COMPLETED:
-                user.achieved.setdefault(p.element_id, at)
-            elif p.outcome is Outcome.DISMISSED:
-                user.dismissed[p.element_id] = max(at, user.dismissed.get(p.element_id, at))
+            triggers += _response(user, event, p.element_id, p.outcome)
+        case ContactRoleEvent(payload=p):
+            _crm_role(user, event, p.role, p.change)
         case _:
             pass
     return triggers
 
 
-def apply_to_account(account: AccountState, event: Event) -> list[Trigger]:
+def _user_usage(
+    user: UserState, event: Event, usage: tuple[str, str], config: ViewConfig
+) -> list[Trigger]:
+    area, name = usage
+    triggers: list[Trigger] = []
+    day = event.time.date()
+    first_today = user.daily_usage.get(day.isoformat(), 0) == 0
+    is_newest_day = user.last_active is None or day >= user.last_active.date()
+    if first_today and is_newest_day and user.last_active is not None:
+        # Coming back after a drop: as of yesterday usage was down by the threshold.
+        wow = windows.week_over_week(user.daily_usage, day - timedelta(days=1))
+        if wow is not None and wow <= -config.usage_drop_pct:
+            triggers.append(
+                caused_by(TriggerName.USAGE_RECOVERED, f"active again after {wow:.0f} %", event)
+            )
+    newest = max(user.last_active or event.time, event.time)
+    windows.add(user.daily_usage, event.time, newest, config.keep_days)
+    user.last_active = newest
+    per_area = user.area_events.setdefault(area, {})
+    _bump(per_area, name)
+    return triggers
+
+
+def _quiz(user: UserState, area: str, raw: object) -> None:
+    if not isinstance(raw, int | float) or isinstance(raw, bool) or raw < 0:
+        return
+    score = raw / 100 if raw > 1 else float(raw)
+    total, count = user.quiz_scores.get(area, [0.0, 0.0])
+    user.quiz_scores[area] = [total + min(score, 1.0), count + 1]
+
+
+def _response(user: UserState, event: Event, element: str, outcome: Outcome) -> list[Trigger]:
+    assert isinstance(event, ResponseEvent)
+    at = event.time.isoformat()
+    triggers: list[Trigger] = []
+    if outcome is Outcome.COMPLETED:
+        if element not in user.achieved:
+            triggers.append(
+                caused_by(TriggerName.MILESTONE_ACHIEVED, f"completed {element}", event)
+            )
+        user.achieved[element] = min(at, user.achieved.get(element, at))
+    elif outcome is Outcome.DISMISSED:
+        user.dismissed[element] = max(at, user.dismissed.get(element, at))
+    else:
+        user.offered[element] = max(at, user.offered.get(element, at))
+    entry = {
+        "decision_id": event.payload.decision_id,
+        "element_id": element,
+        "outcome": outcome.value,
+        "channel": event.payload.channel.value,
+        "at": at,
+    }
+    history = [*user.interventions, entry]
+    history.sort(key=lambda h: (h["at"], h["decision_id"], h["element_id"], h["outcome"]))
+    user.interventions = history[-RECENT_INTERVENTIONS:]
+    return triggers
+
+
+def _crm_role(user: UserState, event: Event, role: Role, change: str) -> None:
+    roles = set(user.crm_roles)
+    newest = _newer(event.time, user.role_at)
+    if change == "assigned":
+        roles.add(role.value)
+        if newest:
+            user.role, user.role_at = role.value, event.time
+    else:
+        roles.discard(role.value)
+        if user.role == role.value and newest:
+            user.role, user.role_at = Role.END_USER.value, event.time
+        if change == "left":
+            user.left_at = max(user.left_at or event.time, event.time)
+    user.crm_roles = sorted(roles)
+
+
+def apply_to_account(
+    account: AccountState, event: Event, config: ViewConfig = DEFAULT_CONFIG
+) -> list[Trigger]:
     triggers: list[Trigger] = []
     account.first_seen = min(account.first_seen, event.time)
     account.last_seen = max(account.last_seen, event.time)
     account.updated_at = max(account.updated_at, event.time)
     account.event_count += 1
+    usage = _usage_area(event)
+    if usage is not None:
+        area = usage[0]
+        windows.add(account.daily_usage, event.time, account.last_seen, config.keep_days)
+        _bump(account.feature_usage, area)
+        day = windows.day_key(event.time)
+        account.area_last_used[area] = max(day, account.area_last_used.get(area, day))
     match event:
-        case SubscriptionEvent(payload=p):
-            was_active = account.subscription_status in ("active", "trialing")
-            account.plan = p.plan
-            account.subscription_status = p.status
-            account.mrr = p.mrr
-            account.renewal_date = p.renewal_date
-            if p.status == "active" and not was_active:
-                triggers.append(_trigger("contract_signed", f"subscription to {p.plan}", event))
-            elif p.status == "past_due":
-                triggers.append(_trigger("payment_failed", "subscription past due", event))
+        case SubscriptionEvent():
+            triggers += _subscription(account, event)
+        case PaymentFailedEvent(payload=p):
+            account.payment_failures += 1
+            account.last_payment_failed_at = max(
+                account.last_payment_failed_at or event.time, event.time
+            )
+            triggers.append(
+                caused_by(
+                    TriggerName.PAYMENT_FAILED,
+                    f"payment of invoice {p.invoice_id} failed (attempt {p.attempt_count})",
+                    event,
+                )
+            )
+        case InvoicePaidEvent():
+            account.invoices_paid += 1
+            account.last_invoice_paid_at = max(
+                account.last_invoice_paid_at or event.time, event.time
+            )
         case TicketOpenedEvent(payload=p):
-            account.open_tickets[p.ticket_id] = p.priority
+            if p.ticket_id not in account.solved_tickets:
+                account.open_tickets[p.ticket_id] = p.priority
+            account.tickets_total += 1
+            before = windows.total(account.tickets_daily, event.time.date(), 7)
+            windows.add(account.tickets_daily, event.time, account.last_seen, config.keep_days)
+            after = windows.total(account.tickets_daily, event.time.date(), 7)
+            if before < config.ticket_spike_7d <= after:
+                triggers.append(
+                    caused_by(TriggerName.TICKET_SPIKE, f"{after} tickets opened in 7 days", event)
+                )
+        case TicketUpdatedEvent(payload=p):
+            if p.ticket_id in account.open_tickets:
+                account.open_tickets[p.ticket_id] = p.priority
         case TicketSolvedEvent(payload=p):
             account.open_tickets.pop(p.ticket_id, None)
+            at = event.time.isoformat()
+            account.solved_tickets[p.ticket_id] = max(
+                at, account.solved_tickets.get(p.ticket_id, at)
+            )
         case NpsEvent(payload=p):
-            if account.last_nps_at is None or event.time >= account.last_nps_at:
+            if _newer(event.time, account.last_nps_at):
                 account.last_nps, account.last_nps_at = p.score, event.time
+        case CsatEvent(payload=p):
+            account.csat_sum += p.score
+            account.csat_count += 1
+            if _newer(event.time, account.last_csat_at):
+                account.last_csat, account.last_csat_at = p.score, event.time
+        case GroupEvent(payload=p):
+            if p.name:
+                account.name = p.name
+            if p.plan and account.plan is None:
+                account.plan = p.plan
+        case ResponseEvent(payload=p):
+            _bump(account.responses, p.outcome.value)
+        case ContactRoleEvent(payload=p):
+            triggers += _contact(account, event, p.role, p.change)
         case _:
             pass
     return triggers
 
 
-def _trigger(name: str, reason: str, event: Event) -> Trigger:
-    return Trigger(
-        name=name,
-        reason=reason,
-        account_id=event.account_id,
-        user_id=event.user_id,
-        cause_event_id=event.id,
-        time=event.time,
+def _subscription(account: AccountState, event: SubscriptionEvent) -> list[Trigger]:
+    p = event.payload
+    triggers: list[Trigger] = []
+    if not _newer(event.time, account.billing_updated_at):
+        return triggers  # an older state of the subscription, arrived late
+    was_paying = account.subscription_status in PAYING
+    previous = account.subscription_status
+    account.billing_updated_at = event.time
+    account.plan = p.plan
+    account.subscription_status = p.status
+    account.mrr = p.mrr
+    account.renewal_date = p.renewal_date
+    account.subscription_id = p.subscription_id or account.subscription_id
+    account.customer_id = p.customer_id or account.customer_id
+    if p.status == "active" and not was_paying:
+        account.contract_signed_at = min(account.contract_signed_at or event.time, event.time)
+        triggers.append(caused_by(TriggerName.CONTRACT_SIGNED, f"subscription to {p.plan}", event))
+    elif p.status == "past_due" and previous != "past_due":
+        failed = account.last_payment_failed_at
+        if failed is None or event.time - failed > SAME_FAILURE:
+            triggers.append(caused_by(TriggerName.PAYMENT_FAILED, "subscription past due", event))
+    return triggers
+
+
+def _contact(account: AccountState, event: Event, role: Role, change: str) -> list[Trigger]:
+    assert event.user_id is not None
+    key = role.value
+    current = account.contacts.get(key)
+    triggers: list[Trigger] = []
+    if change == "assigned":
+        account.contacts[key] = event.user_id
+        if role is Role.CHAMPION and current is not None and current != event.user_id:
+            triggers.append(
+                caused_by(
+                    TriggerName.CHAMPION_CHANGED,
+                    f"champion {current} replaced by {event.user_id}",
+                    event,
+                )
+            )
+    elif current == event.user_id:
+        del account.contacts[key]
+        if role is Role.CHAMPION:
+            verb = "left the company" if change == "left" else "is no longer champion"
+            triggers.append(
+                caused_by(TriggerName.CHAMPION_CHANGED, f"champion {current} {verb}", event)
+            )
+    return triggers
+
+
+def refresh_scores(
+    account: AccountState, cause: Event | None, config: ViewConfig = DEFAULT_CONFIG
+) -> list[Trigger]:
+    """Recompute health and engagement as of the newest event; trigger on a band change."""
+    as_of = account.last_seen
+    h = scores.health(
+        account, as_of, config.health_weights, config.health_red_below, config.health_green_from
     )
+    e = scores.engagement(account, as_of, config.engagement_weights)
+    previous = account.health_band
+    account.health_score, account.health_band = h.score, h.band
+    account.health_components = {k: c.model_dump() for k, c in h.components.items()}
+    account.engagement_score = e.score
+    account.engagement_components = {k: c.model_dump() for k, c in e.components.items()}
+    if cause is None or previous is None or previous == h.band or h.band == "yellow":
+        return []
+    name = TriggerName.HEALTH_RED if h.band == "red" else TriggerName.HEALTH_GREEN
+    worst = min(h.components.items(), key=lambda kv: kv[1].value)
+    reason = f"health {h.score:.0f} ({previous} → {h.band}); weakest: {worst[0]}: {worst[1].reason}"
+    trigger = caused_by(name, reason, cause)
+    return [trigger.model_copy(update={"user_id": None})]

@@ -1,0 +1,377 @@
+"""Ingest benchmark on Kafka + PostgreSQL: HTTP → Kafka → projector → PostgreSQL, end to end.
+
+It starts what it needs the way the tests do (deploy/local/infra.sh up; a fresh database and
+topic prefix), runs ``nbv serve ingest`` as its own process, posts a realistic mix of events
+(product usage, identifies, page views, tickets, surveys, billing) for 2,000 accounts and 20,000
+users in batches, and waits until the projector has applied every one. It samples the ingest
+process's memory (RSS, summed over the processes with ``--processes N``, which scales out
+as in production: N ingest processes in one consumer group) when 100k events are applied and
+at the end.
+
+In the same run it measures the ceilings on the same machine: raw aiokafka produce + consume of
+the same payloads (no processing), and a raw batched PostgreSQL upsert of the same rows (the
+final view rows touched by each batch, plus the idempotency ids) into a fresh database.
+
+    .venv/bin/python bench/ingest.py [--events 200000] [--accounts 2000] [--users 20000]
+                                     [--processes 1] [--consumer-batch 2000]
+
+The last line is one JSON object: events_per_s, ratio_to_ceiling, mem_growth (and the parts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
+from sqlalchemy import func, select, text  # noqa: E402
+from sqlalchemy.dialects.postgresql import insert as pg_insert  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine  # noqa: E402
+
+from shared.store.db import migrate  # noqa: E402
+from shared.store.models import AccountView, ProcessedEvent, UserView  # noqa: E402
+from tests.harness import ServiceProcess  # noqa: E402
+
+HTTP_BATCH = 1_000
+SENDERS = 4
+FEATURES = {
+    "core": ["project_created", "task_completed", "comment_added", "file_uploaded"],
+    "reporting": ["dashboard_built", "report_exported", "chart_added"],
+    "automation": ["rule_created", "workflow_run", "integration_connected"],
+    "admin": ["user_invited", "permission_changed", "sso_configured"],
+    "collaboration": ["mention_sent", "board_shared"],
+}
+
+
+def infra_env() -> dict[str, str]:
+    subprocess.run(["bash", str(ROOT / "deploy/local/infra.sh"), "up"], check=True)
+    env: dict[str, str] = {}
+    for line in (ROOT / ".nbv/infra.env").read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].partition("=")
+            env[key] = value.strip("'\"")
+    return env
+
+
+def make_events(n: int, accounts: int, users: int, seed: int = 7) -> list[dict[str, Any]]:
+    """A realistic mix over the last two weeks, roughly in time order (as sources send)."""
+    rng = random.Random(seed)
+    now = datetime.now(UTC)
+    start = now - timedelta(days=14)
+    events: list[dict[str, Any]] = []
+    areas = list(FEATURES)
+    for i in range(n):
+        u = rng.randrange(users)
+        account = f"acct-{u % accounts}"
+        user = f"user-{u}"
+        # Mostly in order, a few late by up to a day.
+        at = start + timedelta(seconds=14 * 86_400 * i / n)
+        if rng.random() < 0.02:
+            at -= timedelta(hours=rng.uniform(0, 24))
+        base: dict[str, Any] = {
+            "id": f"ev-{i}",
+            "source": "bench",
+            "time": at.isoformat(),
+            "account_id": account,
+            "user_id": user,
+        }
+        r = rng.random()
+        if r < 0.84:
+            area = rng.choice(areas)
+            base["type"] = "product.track"
+            base["payload"] = {
+                "event": rng.choice(FEATURES[area]),
+                "feature_area": area,
+                "properties": {
+                    "plan_tier": rng.choice(["a", "b"]),
+                    "duration_ms": rng.randrange(5_000),
+                },
+            }
+        elif r < 0.92:
+            base["type"] = "product.page"
+            base["payload"] = {"name": rng.choice(["Home", "Reports", "Settings"])}
+        elif r < 0.95:
+            base["type"] = "user.identify"
+            base["payload"] = {
+                "email": f"{user}@example.com",
+                "role": rng.choice(["end_user", "end_user", "admin", "champion"]),
+                "timezone": "Europe/Paris",
+            }
+        elif r < 0.97:
+            base["type"] = "support.ticket_opened"
+            base["payload"] = {
+                "ticket_id": f"t-{i}",
+                "priority": rng.choice(["low", "normal", "high"]),
+                "feature_area": rng.choice(areas),
+            }
+        elif r < 0.98:
+            base["type"] = "survey.nps"
+            base["payload"] = {"score": rng.randrange(11)}
+        elif r < 0.99:
+            base["type"] = "survey.csat"
+            base["payload"] = {"score": rng.randrange(1, 6)}
+        else:
+            base.pop("user_id")
+            base["type"] = "billing.subscription_updated"
+            base["payload"] = {
+                "plan": rng.choice(["starter", "pro", "enterprise"]),
+                "status": rng.choice(["active", "active", "active", "past_due"]),
+                "mrr": float(rng.randrange(100, 5_000)),
+                "renewal_date": (now + timedelta(days=rng.randrange(30, 365))).isoformat(),
+            }
+        events.append(base)
+    return events
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def fresh_database(admin_url: str, prefix: str) -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    await admin.dispose()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+async def drop_database(admin_url: str, url: str) -> None:
+    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        name = make_url(url).database
+        await conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.dispose()
+
+
+async def applied(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int(
+            await conn.scalar(select(func.count()).select_from(ProcessedEvent.__table__)) or 0
+        )
+
+
+async def end_to_end(
+    events: list[dict[str, Any]], url: str, env: dict[str, str], log_dir: Path, processes: int
+) -> dict[str, float]:
+    # Scaled out as in production: each process serves HTTP and projects its share of the
+    # partitions (one consumer group).
+    procs = [
+        ServiceProcess(["serve", "ingest"], env, log_dir, f"ingest-{i}") for i in range(processes)
+    ]
+    engine = create_async_engine(url)
+    try:
+        for proc in procs:
+            await proc.wait_ready()
+        batches = [events[i : i + HTTP_BATCH] for i in range(0, len(events), HTTP_BATCH)]
+        bodies = [json.dumps({"events": b}).encode() for b in batches]
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        for body in bodies:
+            queue.put_nowait(body)
+
+        async def sender(i: int) -> None:
+            base = procs[i % len(procs)].url
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                while not queue.empty():
+                    body = queue.get_nowait()
+                    for attempt in range(5):
+                        resp = await client.post(
+                            "/v1/events/batch",
+                            content=body,
+                            headers={"content-type": "application/json"},
+                        )
+                        if resp.status_code == 202:
+                            break
+                        await asyncio.sleep(0.2 * 2**attempt)
+                    else:
+                        raise RuntimeError(f"batch refused: {resp.status_code} {resp.text[:200]}")
+
+        start = time.perf_counter()
+        senders = asyncio.gather(*(sender(i) for i in range(SENDERS)))
+        mem_100k: int | None = None
+        http_done: float | None = None
+        total = len(events)
+        mark = min(100_000, total // 2)
+        while True:
+            if http_done is None and senders.done():
+                senders.result()
+                http_done = time.perf_counter() - start
+            done = await applied(engine)
+            if mem_100k is None and done >= mark:
+                mem_100k = sum(rss_bytes(p.proc.pid) for p in procs)
+            if done >= total:
+                break
+            for proc in procs:
+                if proc.proc.poll() is not None:
+                    raise RuntimeError(f"ingest exited:\n{proc.log_tail()}")
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - start
+        await senders
+        mem_end = sum(rss_bytes(p.proc.pid) for p in procs)
+        assert mem_100k is not None
+        return {
+            "events": total,
+            "seconds": elapsed,
+            "events_per_s": total / elapsed,
+            "http_accept_per_s": total / (http_done or elapsed),
+            "mem_at_100k_mb": mem_100k / 2**20,
+            "mem_end_mb": mem_end / 2**20,
+            "mem_growth": (mem_end - mem_100k) / mem_100k,
+        }
+    finally:
+        for proc in procs:
+            proc.stop()
+        await engine.dispose()
+
+
+async def kafka_ceiling(events: list[dict[str, Any]], bootstrap: str) -> float:
+    """Raw aiokafka: produce every payload, then consume them all, no processing."""
+    topic = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    payloads = [(e["account_id"].encode(), json.dumps(e).encode()) for e in events]
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+    )
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"bench-raw-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await producer.start()
+    start = time.perf_counter()
+    try:
+        futures = [await producer.send(topic, value=v, key=k) for k, v in payloads]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    await consumer.start()
+    try:
+        seen = 0
+        while seen < len(payloads):
+            batch = await consumer.getmany(timeout_ms=1_000, max_records=2_000)
+            seen += sum(len(v) for v in batch.values())
+            await consumer.commit()
+    finally:
+        await consumer.stop()
+    return len(payloads) / (time.perf_counter() - start)
+
+
+async def postgres_ceiling(
+    events: list[dict[str, Any]], source_url: str, target_url: str, batch: int
+) -> float:
+    """Raw batched upsert of the same rows: per consumer batch, its ids and the final rows of
+    the users and accounts it touches, with no decoding or folding."""
+    source = create_async_engine(source_url)
+    async with source.connect() as conn:
+        users = {r["user_id"]: dict(r) for r in (await conn.execute(select(UserView))).mappings()}
+        accounts = {
+            r["account_id"]: dict(r) for r in (await conn.execute(select(AccountView))).mappings()
+        }
+    await source.dispose()
+    await migrate(target_url)
+    target = create_async_engine(target_url)
+    user_cols = [c for c in next(iter(users.values())) if c != "user_id"]
+    account_cols = [c for c in next(iter(accounts.values())) if c != "account_id"]
+    # Built once and executed with many parameter sets, as the projector does.
+    claim = pg_insert(ProcessedEvent).on_conflict_do_nothing(
+        index_elements=["consumer", "event_id"]
+    )
+    user_stmt = pg_insert(UserView)
+    user_stmt = user_stmt.on_conflict_do_update(
+        index_elements=["user_id"], set_={c: user_stmt.excluded[c] for c in user_cols}
+    )
+    account_stmt = pg_insert(AccountView)
+    account_stmt = account_stmt.on_conflict_do_update(
+        index_elements=["account_id"], set_={c: account_stmt.excluded[c] for c in account_cols}
+    )
+    start = time.perf_counter()
+    for i in range(0, len(events), batch):
+        chunk = events[i : i + batch]
+        touched_u = sorted({e["user_id"] for e in chunk if "user_id" in e})
+        touched_a = sorted({e["account_id"] for e in chunk})
+        async with target.begin() as conn:
+            await conn.execute(claim, [{"consumer": "raw", "event_id": e["id"]} for e in chunk])
+            await conn.execute(user_stmt, [users[u] for u in touched_u])
+            await conn.execute(account_stmt, [accounts[a] for a in touched_a])
+    elapsed = time.perf_counter() - start
+    async with target.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+    await target.dispose()
+    return len(events) / elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--accounts", type=int, default=2_000)
+    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--consumer-batch", type=int, default=2_000)
+    parser.add_argument("--processes", type=int, default=1, help="ingest processes (scale-out)")
+    args = parser.parse_args()
+
+    infra = infra_env()
+    admin_url = infra["NBV_DATABASE_URL"]
+    bootstrap = infra["NBV_KAFKA_BOOTSTRAP"]
+    events = make_events(args.events, args.accounts, args.users)
+    url = await fresh_database(admin_url, "nbv_bench")
+    raw_url = await fresh_database(admin_url, "nbv_bench_raw")
+    log_dir = ROOT / ".nbv" / "bench"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        "NBV_BUS": "kafka",
+        "NBV_DATABASE_URL": url,
+        "NBV_KAFKA_BOOTSTRAP": bootstrap,
+        "NBV_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:8]}.",
+        "NBV_CONSUMER_BATCH_SIZE": str(args.consumer_batch),
+        "NBV_LOG_LEVEL": "WARNING",
+    }
+    try:
+        e2e = await end_to_end(events, url, env, log_dir, args.processes)
+        print(json.dumps({"end_to_end": e2e}), flush=True)
+        kafka = await kafka_ceiling(events, bootstrap)
+        print(json.dumps({"ceiling_kafka_events_per_s": round(kafka)}), flush=True)
+        pg = await postgres_ceiling(events, url, raw_url, args.consumer_batch)
+        print(json.dumps({"ceiling_postgres_events_per_s": round(pg)}), flush=True)
+    finally:
+        await drop_database(admin_url, url)
+        await drop_database(admin_url, raw_url)
+    ceiling = min(kafka, pg)
+    print(
+        json.dumps(
+            {
+                "events_per_s": round(e2e["events_per_s"]),
+                "ratio_to_ceiling": round(e2e["events_per_s"] / ceiling, 3),
+                "mem_growth": round(e2e["mem_growth"], 4),
+                "mem_at_100k_mb": round(e2e["mem_at_100k_mb"], 1),
+                "mem_end_mb": round(e2e["mem_end_mb"], 1),
+                "ceiling_kafka": round(kafka),
+                "ceiling_postgres": round(pg),
+                "http_accept_per_s": round(e2e["http_accept_per_s"]),
+                "events": e2e["events"],
+                "processes": args.processes,
+                "consumer_batch": args.consumer_batch,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

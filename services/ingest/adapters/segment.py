@@ -1,0 +1,250 @@
+"""Segment-spec compatible API: ``track``, ``identify``, ``group``, ``page`` (and ``screen``),
+single or in a ``batch``, as sent by Segment and RudderStack libraries.
+
+Mapping (docs/ingest.md):
+
+- user: ``userId``, else ``anon:<anonymousId>``;
+- account: ``groupId`` of a ``group`` call, else ``context.groupId``, else the account of the
+  user's last ``group`` call (the ``user_accounts`` table); none of them → 422 on
+  ``context.groupId``;
+- id: ``messageId`` (the idempotency key); a message without one gets a hash of its content,
+  so a retried identical body is still deduplicated;
+- time: ``timestamp`` corrected for the client's clock skew with ``sentAt``
+  (``receivedAt - (sentAt - timestamp)``, as Segment does), else ``timestamp``/
+  ``originalTimestamp`` as given, else the time received; never later than received;
+- ``properties.feature_area`` (or ``featureArea``) becomes the event's feature area.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.ingest.adapters import Unmappable
+from shared.envelope import (
+    GroupEvent,
+    GroupPayload,
+    IdentifyEvent,
+    IdentifyPayload,
+    InboundEvent,
+    PageEvent,
+    PagePayload,
+    Role,
+    TrackEvent,
+    TrackPayload,
+)
+
+SOURCE = "segment"
+MAX_BATCH = 1_000
+_ID = re.compile(r"^[A-Za-z0-9._:@\-]{1,200}$")
+_ROLES = {r.value for r in Role}
+
+
+class _Message(BaseModel):
+    # Segment messages carry much more (integrations, context.library, …): kept out, not refused.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    user_id: Annotated[str | None, Field(alias="userId", max_length=190)] = None
+    anonymous_id: Annotated[str | None, Field(alias="anonymousId", max_length=190)] = None
+    message_id: Annotated[str | None, Field(alias="messageId", max_length=500)] = None
+    timestamp: datetime | None = None
+    original_timestamp: datetime | None = Field(default=None, alias="originalTimestamp")
+    sent_at: datetime | None = Field(default=None, alias="sentAt")
+    context: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _someone(self) -> _Message:
+        if not self.user_id and not self.anonymous_id and not isinstance(self, GroupMessage):
+            raise ValueError("userId or anonymousId is required")
+        return self
+
+
+class TrackMessage(_Message):
+    type: Literal["track"] = "track"
+    event: Annotated[str, Field(min_length=1, max_length=200)]
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+
+class IdentifyMessage(_Message):
+    type: Literal["identify"] = "identify"
+    traits: dict[str, Any] = Field(default_factory=dict)
+
+
+class GroupMessage(_Message):
+    type: Literal["group"] = "group"
+    group_id: Annotated[str, Field(alias="groupId", min_length=1, max_length=200)]
+    traits: dict[str, Any] = Field(default_factory=dict)
+
+
+class PageMessage(_Message):
+    type: Literal["page", "screen"] = "page"
+    name: str | None = None
+    category: str | None = None
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+
+SegmentMessage = Annotated[
+    TrackMessage | IdentifyMessage | GroupMessage | PageMessage, Field(discriminator="type")
+]
+
+
+class SegmentBatch(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    batch: Annotated[list[SegmentMessage], Field(min_length=1, max_length=MAX_BATCH)]
+    # Batch-level fields apply to every message that lacks its own.
+    sent_at: datetime | None = Field(default=None, alias="sentAt")
+    context: dict[str, Any] = Field(default_factory=dict)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def event_time(message: _Message, received_at: datetime, sent_at: datetime | None) -> datetime:
+    stamp = _aware(message.timestamp or message.original_timestamp)
+    sent = _aware(message.sent_at or sent_at)
+    if stamp is None:
+        return received_at
+    if sent is not None:
+        stamp = received_at - (sent - stamp)
+    return min(stamp, received_at)
+
+
+def _identifier(raw: str, field: str) -> str:
+    if _ID.match(raw):
+        return raw
+    # Ids outside the envelope's alphabet (spaces, slashes…) are hashed, stably.
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:40]
+    if not raw.strip():
+        raise Unmappable(field, "must not be blank")
+    return f"h:{digest}"
+
+
+def user_of(message: _Message) -> str | None:
+    if message.user_id:
+        return _identifier(message.user_id, "userId")
+    if message.anonymous_id:
+        return "anon:" + _identifier(message.anonymous_id, "anonymousId")
+    return None
+
+
+def message_id(message: _Message) -> str:
+    if message.message_id:
+        return _identifier(message.message_id, "messageId")
+    body = json.dumps(message.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return "seg:" + hashlib.sha256(body.encode()).hexdigest()[:40]
+
+
+def account_of(message: _Message, context: Mapping[str, Any], known: Mapping[str, str]) -> str:
+    if isinstance(message, GroupMessage):
+        return _identifier(message.group_id, "groupId")
+    group = message.context.get("groupId") or context.get("groupId")
+    if isinstance(group, str | int) and str(group):
+        return _identifier(str(group), "context.groupId")
+    user = user_of(message)
+    if user is not None and user in known:
+        return known[user]
+    raise Unmappable(
+        "context.groupId",
+        "no account for this user: send context.groupId or a group call first",
+    )
+
+
+def _feature_area(properties: Mapping[str, Any]) -> str | None:
+    area = properties.get("feature_area", properties.get("featureArea"))
+    return str(area)[:100] if area else None
+
+
+def _identify_payload(traits: Mapping[str, Any], context: Mapping[str, Any]) -> IdentifyPayload:
+    name = traits.get("name")
+    if not name and (traits.get("firstName") or traits.get("lastName")):
+        name = " ".join(str(traits.get(k) or "") for k in ("firstName", "lastName")).strip()
+    role = traits.get("role")
+    timezone = traits.get("timezone") or context.get("timezone")
+    return IdentifyPayload(
+        email=str(traits["email"]) if traits.get("email") else None,
+        name=str(name) if name else None,
+        # A role outside NBV's (e.g. a job title) is not NBV's role: left unset.
+        role=Role(role) if role in _ROLES else None,
+        timezone=str(timezone) if timezone else None,
+    )
+
+
+def to_event(
+    message: _Message,
+    *,
+    received_at: datetime,
+    known: Mapping[str, str],
+    sent_at: datetime | None = None,
+    context: Mapping[str, Any] | None = None,
+) -> InboundEvent:
+    """One Segment message → one envelope event (``known``: user id → account id)."""
+    ctx = {**(context or {}), **message.context}
+    common: dict[str, Any] = {
+        "id": message_id(message),
+        "source": SOURCE,
+        "time": event_time(message, received_at, sent_at),
+        "account_id": account_of(message, ctx, known),
+        "user_id": user_of(message),
+    }
+    match message:
+        case TrackMessage():
+            return TrackEvent(
+                type="product.track",
+                payload=TrackPayload(
+                    event=message.event,
+                    feature_area=_feature_area(message.properties),
+                    properties=message.properties,
+                ),
+                **common,
+            )
+        case IdentifyMessage():
+            traits = {**ctx.get("traits", {}), **message.traits}
+            return IdentifyEvent(
+                type="user.identify", payload=_identify_payload(traits, ctx), **common
+            )
+        case GroupMessage():
+            plan = message.traits.get("plan")
+            return GroupEvent(
+                type="account.group",
+                payload=GroupPayload(
+                    name=str(message.traits["name"]) if message.traits.get("name") else None,
+                    plan=str(plan) if plan else None,
+                    traits=message.traits,
+                ),
+                **common,
+            )
+        case PageMessage():
+            name = message.name or message.properties.get("title") or message.properties.get("path")
+            return PageEvent(
+                type="product.page",
+                payload=PagePayload(
+                    name=str(name or "unnamed")[:200],
+                    category=message.category,
+                    feature_area=_feature_area(message.properties),
+                    properties=message.properties,
+                ),
+                **common,
+            )
+    raise Unmappable("type", f"unsupported message {type(message).__name__}")
+
+
+def users_needing_lookup(messages: list[_Message], context: Mapping[str, Any]) -> set[str]:
+    """Users whose account must come from a prior ``group`` call."""
+    needed: set[str] = set()
+    for m in messages:
+        if isinstance(m, GroupMessage) or m.context.get("groupId") or context.get("groupId"):
+            continue
+        user = user_of(m)
+        if user is not None:
+            needed.add(user)
+    return needed
