@@ -53,3 +53,5 @@ DELIVERY_LATENCY = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 INBOX_STREAMS = Gauge("nbv_inbox_streams", "Open in-app live streams")
+SCHEDULER_BACKLOG = Gauge("nbv_scheduler_backlog_jobs", "Jobs due but not yet done")
+SCHEDULER_JOBS = Counter("nbv_scheduler_jobs_total", "Scheduled jobs run", ["kind", "outcome"])

@@ -15,17 +15,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from prometheus_client import Counter, Gauge
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from shared.metrics import SCHEDULER_BACKLOG, SCHEDULER_JOBS
 from shared.store.db import upsert
 from shared.store.models import ScheduledJob
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_BACKLOG = Gauge("nbv_scheduler_backlog_jobs", "Jobs due but not yet done")
-SCHEDULER_JOBS = Counter("nbv_scheduler_jobs_total", "Scheduled jobs run", ["kind", "outcome"])
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ KNOWN_METRICS = {
     "nbv_deliveries_total",
     "nbv_responses_total",
     "nbv_model_info",
+    "nbv_scheduler_backlog_jobs",
 }
 EXPECTED_ALERTS = {
     "ConsumerLagGrowing",
@@ -52,6 +53,7 @@ EXPECTED_ALERTS = {
     "DecisionLatencyP99High",
     "NoEventsIngested",
     "ServiceDown",
+    "SchedulerBacklogHigh",
 }
 METRIC_RE = re.compile(r"nbv_[a-z_]+")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")

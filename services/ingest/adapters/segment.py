@@ -115,7 +115,10 @@ def event_time(message: _Message, received_at: datetime, sent_at: datetime | Non
     if stamp is None:
         return received_at
     if sent is not None:
-        stamp = received_at - (sent - stamp)
+        try:
+            stamp = received_at - (sent - stamp)
+        except OverflowError:
+            pass  # an absurd sentAt (year 4026…) says nothing about the skew: keep timestamp
     return min(stamp, received_at)
 
 
