@@ -25,7 +25,6 @@ from shared.store.models import ScheduledJob
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Job:
     key: str

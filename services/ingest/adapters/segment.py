@@ -17,6 +17,7 @@ Mapping (docs/ingest.md):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -115,10 +116,9 @@ def event_time(message: _Message, received_at: datetime, sent_at: datetime | Non
     if stamp is None:
         return received_at
     if sent is not None:
-        try:
+        # An absurd sentAt (year 4026…) says nothing about the skew: keep the timestamp.
+        with contextlib.suppress(OverflowError):
             stamp = received_at - (sent - stamp)
-        except OverflowError:
-            pass  # an absurd sentAt (year 4026…) says nothing about the skew: keep timestamp
     return min(stamp, received_at)
 
 
