@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+from asyncpg.exceptions import PostgresError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -19,6 +20,7 @@ from shared import tracing
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
 from shared.runtime import Runtime, Service
 from shared.store.db import migrate, ping
+from shared.worker import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,83 @@ class MetricsMiddleware:
             method = scope["method"]
             HTTP_REQUESTS.labels(self.service, path, method, str(status)).inc()
             HTTP_DURATION.labels(self.service, path, method).observe(time.perf_counter() - start)
+
+
+class _BodyTooLarge(Exception):
+    """Raised from ``receive`` once a streamed body passes the limit; caught by the middleware."""
+
+
+def _too_large_response(limit: int) -> JSONResponse:
+    return JSONResponse(
+        status_code=413,
+        content={
+            "error": "payload_too_large",
+            "message": f"request body exceeds {limit} bytes; split it into smaller requests",
+            "limit_bytes": limit,
+        },
+        headers={"Connection": "close"},
+    )
+
+
+class BodySizeLimitMiddleware:
+    """Refuses bodies over ``limit`` bytes with 413 before they are buffered.
+
+    A declared ``Content-Length`` over the limit is refused without reading a byte; a chunked
+    (or lying) body is counted as it streams and cut off at the first chunk past the limit, so
+    no request can make a handler hold more than ``limit`` bytes of it.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name.lower() == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.limit:
+                    await _too_large_response(self.limit)(scope, receive, send)
+                    return
+                break
+        received = 0
+        exceeded = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                # Whatever the app made of the aborted read (FastAPI turns any error while
+                # reading the body into a 400) is replaced by the 413 that explains it.
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await _too_large_response(self.limit)(scope, receive, send)
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            if started:
+                raise  # too late for a clean 413; the server closes the connection
+            await _too_large_response(self.limit)(scope, receive, send)
 
 
 # Probes and scrapes: a log line each would drown the requests that matter.
@@ -121,6 +200,18 @@ def _field_path(loc: Sequence[Any]) -> str:
     return "".join(parts) or "body"
 
 
+def _batch_too_large(errors: Sequence[Any]) -> bool:
+    """A top-level list of the body over its maximum length is a batch that is too large: a
+    size problem the client fixes by splitting, not a malformed request."""
+    return any(
+        e["type"] == "too_long"
+        and len(e["loc"]) == 2
+        and e["loc"][0] == "body"
+        and isinstance(e.get("input"), list)
+        for e in errors
+    )
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = []
@@ -131,8 +222,20 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         errors.append({"field": _field_path(loc), "message": e["msg"], "type": e["type"]})
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     return JSONResponse(
-        status_code=422,
+        status_code=413 if _batch_too_large(exc.errors()) else 422,
         content={"error": "validation_error", "message": summary, "errors": errors},
+    )
+
+
+async def _driver_error(request: Request, exc: Exception) -> JSONResponse:
+    """Errors that reach us unwrapped by SQLAlchemy: asyncpg's own (e.g. 57P03 "the database
+    system is shutting down" on connect) and socket errors. An outage is a 503 the client can
+    retry, like the wrapped ones; anything else stays a 500, with a body that says so."""
+    if is_transient(exc):
+        return await _store_unavailable(request, exc)
+    log.error("unhandled driver error", extra={"path": request.url.path, "error": repr(exc)})
+    return JSONResponse(
+        status_code=500, content={"error": "internal_error", "message": "internal error"}
     )
 
 
@@ -180,6 +283,10 @@ def create_app(runtime: Runtime, factories: Sequence[ServiceFactory]) -> FastAPI
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(OperationalError, _store_unavailable)
     app.add_exception_handler(InterfaceError, _store_unavailable)
+    app.add_exception_handler(PostgresError, _driver_error)
+    app.add_exception_handler(OSError, _driver_error)
+    # Inside the metrics middleware, so refused bodies are counted as 413s.
+    app.add_middleware(BodySizeLimitMiddleware, limit=runtime.settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, service=name)
     # Added last, so outermost: everything below, error handlers included, runs in the trace.
     app.add_middleware(TracingMiddleware)

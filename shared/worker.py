@@ -35,12 +35,44 @@ class PoisonRecord(Exception):
     """A record that can never be processed (e.g. it does not decode)."""
 
 
+# SQLSTATEs that say "the database cannot serve you right now", not "this record is bad":
+# connection exceptions (08), insufficient resources (53, e.g. too many connections),
+# operator intervention (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect
+# now: starting up or shutting down), serialization failure and deadlock (40001, 40P01).
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P", "40001", "40P01")
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    for attr in ("sqlstate", "pgcode"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, OperationalError | InterfaceError):
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, ConnectionError | TimeoutError | OSError)
+    """Whether retrying the same batch later can succeed.
+
+    The driver's own exceptions are looked at too, through the chain: asyncpg raises
+    ``CannotConnectNowError`` (57P03) unwrapped while PostgreSQL shuts down or starts, and
+    treating that as a bad record would dead-letter every event of the batch.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OperationalError | InterfaceError):
+            return True
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, ConnectionError | TimeoutError | OSError):
+            return True
+        state = _sqlstate(current)
+        if state is not None and state.startswith(_TRANSIENT_SQLSTATE_PREFIXES):
+            return True
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return False
 
 
 class ConsumerWorker:

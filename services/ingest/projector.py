@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 from pydantic import ValidationError
 from sqlalchemy import CursorResult, select
 from sqlalchemy.dialects import postgresql, sqlite

@@ -89,12 +89,19 @@ class KafkaBus(Bus):
         self._topics = list(topics)
         self._request_timeout_ms = request_timeout_ms
         self._producer: AIOKafkaProducer | None = None
+        # The producer a failed publish may have wedged; replaced before the next send.
+        self._stale: AIOKafkaProducer | None = None
+        self._swap_lock = asyncio.Lock()
+        self._retired: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self._ensure_topics()
+        self._producer = await self._new_producer()
+
+    async def _new_producer(self) -> AIOKafkaProducer:
         # Idempotent producer with acks=all: a publish that returned is on the broker's log,
         # and the producer's own retries never duplicate a message.
-        self._producer = AIOKafkaProducer(
+        producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
             client_id=self._client_id,
             acks="all",
@@ -104,7 +111,43 @@ class KafkaBus(Bus):
             retry_backoff_ms=200,
             compression_type=None,
         )
-        await self._producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
+
+    async def _healthy_producer(self) -> AIOKafkaProducer:
+        """The producer to send with, replacing one that a failed publish left wedged.
+
+        aiokafka's idempotent producer does not recover from a batch that failed after taking
+        a sequence number (e.g. it timed out while the broker was restarting): the broker
+        then refuses every later batch to that partition with OutOfOrderSequenceNumber, for
+        good. A fresh producer gets a new producer id and starts its sequences clean; the
+        failed publish was reported to the caller, who retries it with the same event ids.
+        """
+        if self._producer is None:
+            raise RuntimeError("bus not started")
+        if self._stale is not self._producer:
+            return self._producer
+        async with self._swap_lock:
+            if self._stale is self._producer:
+                fresh = await self._new_producer()  # raises while the broker is away
+                old, self._producer, self._stale = self._producer, fresh, None
+                self._retired.add(asyncio.create_task(self._retire(old)))
+        return self._producer
+
+    async def _retire(self, producer: AIOKafkaProducer) -> None:
+        # In the background: stopping flushes what it still holds, which may wait for timeouts.
+        try:
+            await asyncio.wait_for(producer.stop(), timeout=self._request_timeout_ms / 1000 + 5)
+        except Exception:
+            log.warning("retired producer did not stop cleanly", exc_info=True)
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._retired.discard(task)
 
     async def _ensure_topics(self) -> None:
         if not self._topics:
@@ -134,18 +177,23 @@ class KafkaBus(Bus):
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
 
     async def publish(self, topic: str, messages: Sequence[Message]) -> None:
-        if self._producer is None:
-            raise RuntimeError("bus not started")
+        producer = await self._healthy_producer()
         messages = tracing.inject(messages)
-        futures = [
-            await self._producer.send(
-                topic, value=m.value, key=m.key.encode(), headers=list(m.headers)
-            )
-            for m in messages
-        ]
-        await asyncio.gather(*futures)
+        try:
+            futures = [
+                await producer.send(
+                    topic, value=m.value, key=m.key.encode(), headers=list(m.headers)
+                )
+                for m in messages
+            ]
+            await asyncio.gather(*futures)
+        except (KafkaError, TimeoutError, OSError):
+            self._stale = producer
+            raise
 
     def consumer(self, topics: Sequence[str], group: str) -> Consumer:
         return KafkaConsumer(self._bootstrap, topics, group, self._client_id)
