@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 from pydantic import ValidationError
 from sqlalchemy import CursorResult, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -42,10 +41,6 @@ from shared.worker import PoisonRecord
 log = logging.getLogger(__name__)
 
 CONSUMER = "projector"
-_UNREACHABLE = (
-    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, admin shutdown
-    asyncpg.exceptions.PostgresConnectionError,  # connection lost or refused
-)
 _USER_COLUMNS = [c.name for c in UserView.__table__.columns if c.name != "user_id"]
 _ACCOUNT_COLUMNS = [c.name for c in AccountView.__table__.columns if c.name != "account_id"]
 
@@ -67,15 +62,6 @@ class Projector:
         self._statements = _Statements(runtime.dialect)
 
     async def handle(self, records: Sequence[Record]) -> None:
-        try:
-            await self._handle(records)
-        except _UNREACHABLE as exc:
-            # asyncpg raises these unwrapped while connecting to a database that is shutting
-            # down or restarting; as ConnectionError the worker retries the batch with backoff
-            # instead of dead-lettering good records.
-            raise ConnectionError(f"store unreachable: {type(exc).__name__}: {exc}") from exc
-
-    async def _handle(self, records: Sequence[Record]) -> None:
         events = decode_records(records)
         async with self._rt.sessions() as session, session.begin():
             fresh = await self._claim(session, events)
