@@ -146,6 +146,20 @@ async def _loop(url: str, smtp: SmtpSink, receiver: WebhookReceiver) -> None:
         assert msg["To"] == "Ana <ana@example.com>"
         # (a long header is folded on the wire; strip the fold's leading space)
         assert str(msg["X-NBV-Delivery-Id"]).strip().startswith(email_d["decision_id"])
+
+        # A trigger reaches the CSM too, with no request behind it: the signed contract (the
+        # subscription event above) fired contract_signed, whose onboarding playbook's first
+        # step is a CSM alert for the champion.
+        async def triggered() -> list[str]:
+            return [
+                a.get("trigger") or "" for a in receiver.received if a["who"]["user_id"] == "u1"
+            ]
+
+        await eventually(
+            triggered,
+            lambda t: "playbook:onboarding:csm-welcome" in t,
+            what="onboarding playbook alert",
+        )
         alert = next(a for a in receiver.received if a["decision_id"] == csm_d["decision_id"])
         assert alert["element_id"] == csm_el and alert["who"]["name"] == "Ana"
         assert alert["view_url"] == f"{PUBLIC}/v1/users/u1/view"
