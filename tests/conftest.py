@@ -11,10 +11,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.settings import BusKind, Settings
+from tests.harness import fresh_database
 
 REQUIRE_INFRA = os.environ.get("NBV_REQUIRE_INFRA") == "1"
 
@@ -42,14 +41,8 @@ def kafka_bootstrap() -> str:
 @pytest.fixture
 async def pg_url(pg_admin_url: str) -> AsyncIterator[str]:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    name = f"nbv_t_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    yield make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
-    async with admin.connect() as conn:
-        await conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.dispose()
+    async with fresh_database(pg_admin_url) as url:
+        yield url
 
 
 @pytest.fixture

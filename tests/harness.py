@@ -9,11 +9,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 T = TypeVar("T")
 NBV = [sys.executable, "-m", "services.cli"]
@@ -84,3 +88,18 @@ async def eventually(
         await asyncio.sleep(0.1)
         value = await probe()
     return value
+
+
+@asynccontextmanager
+async def fresh_database(admin_url: str) -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database (its URL), dropped on the way out."""
+    name = f"nbv_t_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.dispose()

@@ -13,6 +13,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.features import KINDS
+
 AREAS = (
     "core",
     "integrations",
@@ -22,17 +24,6 @@ AREAS = (
     "api",
     "collaboration",
     "billing",
-)
-ROLES = ("end_user", "admin", "champion", "economic_buyer")
-KINDS = (
-    "walkthrough",
-    "guide",
-    "video",
-    "case_study",
-    "workbook",
-    "quiz",
-    "webinar",
-    "human_touch",
 )
 
 # How much each role cares about each area: needs are only real where the job is.

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -14,8 +13,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.ingest.projector import Projector
 from shared.bus import Message
@@ -25,21 +22,15 @@ from shared.settings import Settings
 from shared.store.db import migrate
 from shared.store.models import AccountView, ProcessedEvent, UserView
 from tests.factories import T0, event
-from tests.harness import eventually
+from tests.harness import eventually, fresh_database
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 async def second_db(pg_admin_url: str) -> AsyncIterator[str]:
-    name = f"nbv_t_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    yield make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
-    async with admin.connect() as conn:
-        await conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.dispose()
+    async with fresh_database(pg_admin_url) as url:
+        yield url
 
 
 def mixed_events(n: int, seed: int = 11) -> list[Event]:
