@@ -36,41 +36,14 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
+
+from tests.harness import create_database, drop_database, infra_env  # noqa: E402
 
 USERS = 20_000
 ACCOUNTS = 2_000
 ROLES = ("end_user", "end_user", "end_user", "admin", "champion", "economic_buyer")
 AREAS = ("core", "collaboration", "integrations", "automation", "reporting", "admin", "api")
-
-
-def infra_env() -> dict[str, str]:
-    subprocess.run(["bash", str(ROOT / "deploy/local/infra.sh"), "up"], check=True)
-    env: dict[str, str] = {}
-    for line in (ROOT / ".nbv/infra.env").read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export ") :].partition("=")
-            env[key] = value.strip("'\"")
-    return env
-
-
-async def fresh_database(admin_url: str) -> str:
-    name = f"nbv_bench_decision_{uuid.uuid4().hex[:10]}"
-    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    await admin.dispose()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-async def drop_database(admin_url: str, url: str) -> None:
-    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.exec_driver_sql(
-            f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'
-        )
-    await admin.dispose()
 
 
 async def seed_view(url: str, seed: int = 7) -> None:
@@ -285,7 +258,7 @@ def run_load(
 async def prepare(admin_url: str) -> str:
     from shared.store.db import migrate
 
-    url = await fresh_database(admin_url)
+    url = await create_database(admin_url, "nbv_bench_decision")
     await migrate(url)
     await seed_view(url)
     return url

@@ -20,7 +20,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -42,19 +41,9 @@ from shared.envelope import Channel  # noqa: E402
 from shared.settings import BusKind, Settings  # noqa: E402
 from shared.store.models import UserView  # noqa: E402
 from tests.delivery_support import SmtpSink  # noqa: E402
-from tests.harness import ServiceProcess  # noqa: E402
+from tests.harness import ServiceProcess, infra_env  # noqa: E402
 
 POLL_S = 0.01
-
-
-def infra_env() -> dict[str, str]:
-    subprocess.run(["bash", str(ROOT / "deploy/local/infra.sh"), "up"], check=True)
-    env: dict[str, str] = {}
-    for line in (ROOT / ".nbv/infra.env").read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export ") :].partition("=")
-            env[key] = value.strip("'\"")
-    return env
 
 
 def p95(values: list[float]) -> float:

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import random
-import subprocess
 import sys
 import time
 import uuid
@@ -39,12 +38,17 @@ import httpx  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 from sqlalchemy import func, select, text  # noqa: E402
 from sqlalchemy.dialects.postgresql import insert as pg_insert  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine  # noqa: E402
 
 from shared.store.db import migrate  # noqa: E402
 from shared.store.models import AccountView, ProcessedEvent, UserView  # noqa: E402
-from tests.harness import ServiceProcess  # noqa: E402
+from tests.harness import (  # noqa: E402
+    ServiceProcess,
+    create_database,
+    drop_database,
+    infra_env,
+    rss_bytes,
+)
 
 HTTP_BATCH = 1_000
 SENDERS = 4
@@ -55,16 +59,6 @@ FEATURES = {
     "admin": ["user_invited", "permission_changed", "sso_configured"],
     "collaboration": ["mention_sent", "board_shared"],
 }
-
-
-def infra_env() -> dict[str, str]:
-    subprocess.run(["bash", str(ROOT / "deploy/local/infra.sh"), "up"], check=True)
-    env: dict[str, str] = {}
-    for line in (ROOT / ".nbv/infra.env").read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export ") :].partition("=")
-            env[key] = value.strip("'\"")
-    return env
 
 
 def make_events(n: int, accounts: int, users: int, seed: int = 7) -> list[dict[str, Any]]:
@@ -135,30 +129,6 @@ def make_events(n: int, accounts: int, users: int, seed: int = 7) -> list[dict[s
             }
         events.append(base)
     return events
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-async def fresh_database(admin_url: str, prefix: str) -> str:
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    await admin.dispose()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-async def drop_database(admin_url: str, url: str) -> None:
-    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        name = make_url(url).database
-        await conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.dispose()
 
 
 async def applied(engine: AsyncEngine) -> int:
@@ -331,8 +301,8 @@ async def main() -> None:
     admin_url = infra["NBV_DATABASE_URL"]
     bootstrap = infra["NBV_KAFKA_BOOTSTRAP"]
     events = make_events(args.events, args.accounts, args.users)
-    url = await fresh_database(admin_url, "nbv_bench")
-    raw_url = await fresh_database(admin_url, "nbv_bench_raw")
+    url = await create_database(admin_url, "nbv_bench")
+    raw_url = await create_database(admin_url, "nbv_bench_raw")
     log_dir = ROOT / ".nbv" / "bench"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {

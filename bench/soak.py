@@ -25,7 +25,6 @@ import asyncio
 import collections
 import json
 import random
-import subprocess
 import sys
 import time
 import uuid
@@ -37,10 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
-from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
 
-from tests.harness import ServiceProcess  # noqa: E402
+from tests.harness import ServiceProcess, create_database, infra_env, rss_bytes  # noqa: E402
 
 INGEST_BATCH = 50
 MIX = (("ingest", 0.7), ("decide", 0.2), ("respond", 0.1))
@@ -51,32 +48,8 @@ AREAS = {
 }
 
 
-def infra_env() -> dict[str, str]:
-    subprocess.run([str(ROOT / "deploy/local/infra.sh"), "up"], check=True)
-    out = subprocess.run(
-        [str(ROOT / "deploy/local/infra.sh"), "env"], check=True, capture_output=True, text=True
-    ).stdout
-    env: dict[str, str] = {}
-    for line in out.splitlines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = value
-    return env
-
-
-async def fresh_database(admin_url: str) -> str:
-    name = f"nbv_soak_{uuid.uuid4().hex[:10]}"
-    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    await admin.dispose()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_bytes(pid) / 2**20
 
 
 class Load:
@@ -246,7 +219,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     env = infra_env()
-    database = await fresh_database(env["NBV_DATABASE_URL"])
+    database = await create_database(env["NBV_DATABASE_URL"], "nbv_soak")
     work = ROOT / ".nbv" / "bench" / f"soak-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True, exist_ok=True)
     proc_env = {

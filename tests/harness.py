@@ -90,16 +90,56 @@ async def eventually(
     return value
 
 
-@asynccontextmanager
-async def fresh_database(admin_url: str) -> AsyncIterator[str]:
-    """A new, empty PostgreSQL database (its URL), dropped on the way out."""
-    name = f"nbv_t_{uuid.uuid4().hex[:12]}"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def infra_env() -> dict[str, str]:
+    """Start (or reuse) the local PostgreSQL and Kafka; their NBV_* connection settings."""
+    subprocess.run(["bash", str(ROOT / "deploy/local/infra.sh"), "up"], check=True)
+    out = subprocess.run(
+        ["bash", str(ROOT / "deploy/local/infra.sh"), "env"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    env: dict[str, str] = {}
+    for line in out.splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value.strip("'\"")
+    return env
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+async def create_database(admin_url: str, prefix: str = "nbv_t") -> str:
+    """A new, empty PostgreSQL database; returns its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
     async with admin.connect() as conn:
         await conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    await admin.dispose()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+async def drop_database(admin_url: str, url: str) -> None:
+    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        name = make_url(url).database
+        await conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.dispose()
+
+
+@asynccontextmanager
+async def fresh_database(admin_url: str) -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database (its URL), dropped on the way out."""
+    url = await create_database(admin_url)
     try:
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        yield url
     finally:
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.dispose()
+        await drop_database(admin_url, url)

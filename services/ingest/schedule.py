@@ -217,15 +217,12 @@ class IngestScheduler:
         days = int(job.payload["days"])
         await self._publish(
             [
-                Trigger(
-                    # renewal_180 / renewal_120 / renewal_90 with the default notice days
-                    name=f"renewal_{days}",
-                    reason=f"renewal on {renewal}, {days} days ahead",
-                    account_id=account.account_id,
-                    user_id=None,
-                    cause_event_id=job.key,
-                    time=job.due_at,
-                    key=job.key,
+                # renewal_180 / renewal_120 / renewal_90 with the default notice days
+                _account_trigger(
+                    job,
+                    account.account_id,
+                    f"renewal_{days}",
+                    f"renewal on {renewal}, {days} days ahead",
                 )
             ]
         )
@@ -236,14 +233,11 @@ class IngestScheduler:
             return
         await self._publish(
             [
-                Trigger(
-                    name=TriggerName.ONBOARDING_30D,
-                    reason=f"{job.payload['days']} days since the contract was signed",
-                    account_id=account.account_id,
-                    user_id=None,
-                    cause_event_id=job.key,
-                    time=job.due_at,
-                    key=job.key,
+                _account_trigger(
+                    job,
+                    account.account_id,
+                    TriggerName.ONBOARDING_30D,
+                    f"{job.payload['days']} days since the contract was signed",
                 )
             ]
         )
@@ -300,13 +294,11 @@ class IngestScheduler:
                     break
                 await self._publish(
                     [
-                        Trigger(
-                            name=str(name),
-                            reason=f"{name.replace('_', ' ')} {label}",
-                            account_id=a,
-                            user_id=None,
-                            cause_event_id=job.key,
-                            time=job.due_at,
+                        _account_trigger(
+                            job,
+                            a,
+                            str(name),
+                            f"{name.replace('_', ' ')} {label}",
                             key=f"{job.key}:{a}",
                         )
                         for a in ids
@@ -318,3 +310,18 @@ class IngestScheduler:
                 await add_jobs(session, self._rt.dialect, [make(next_first)])
 
         return run
+
+
+def _account_trigger(
+    job: Job, account_id: str, name: str, reason: str, key: str | None = None
+) -> Trigger:
+    """An account-level trigger fired by a scheduled job, published under the job's key."""
+    return Trigger(
+        name=name,
+        reason=reason,
+        account_id=account_id,
+        user_id=None,
+        cause_event_id=job.key,
+        time=job.due_at,
+        key=key or job.key,
+    )

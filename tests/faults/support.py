@@ -121,6 +121,10 @@ class Publisher:
     unexpected: list[str] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
+    async def accepted_count(self) -> int:
+        """A probe for ``eventually``: how many ids the API has accepted so far."""
+        return len(self.accepted)
+
     async def send(self, client: httpx.AsyncClient, events: list[dict[str, Any]]) -> None:
         while True:
             try:
@@ -196,3 +200,12 @@ async def wait_for_view(database_url: str, expected: int, timeout: float = 60) -
         await asyncio.sleep(0.3)
     await asyncio.sleep(1.5)
     return await view_counts(database_url)
+
+
+def assert_every_accepted_event_once(final: ViewCounts, publisher: Publisher) -> None:
+    """The invariant: each id answered 202 is in the view exactly once, nothing else is."""
+    accepted = len(publisher.accepted)
+    assert not publisher.unexpected, publisher.unexpected
+    assert final.processed == accepted, (final, accepted, publisher.statuses)
+    assert final.user_events == accepted, (final, accepted)
+    assert final.account_events == accepted, (final, accepted)

@@ -9,7 +9,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.support import FaultInfra, Publisher, ingest_env, start_ingest, wait_for_view
+from tests.faults.support import (
+    FaultInfra,
+    Publisher,
+    assert_every_accepted_event_once,
+    ingest_env,
+    start_ingest,
+    wait_for_view,
+)
 from tests.harness import eventually
 
 pytestmark = pytest.mark.integration
@@ -34,7 +41,7 @@ async def test_postgres_restart_not_ready_then_recovers_nothing_lost(
             async def readyz() -> httpx.Response:
                 return await http.get(f"{proc.url}/readyz")
 
-            await eventually(lambda: _n(publisher), lambda n: n >= 500, what="steady ingest")
+            await eventually(publisher.accepted_count, lambda n: n >= 500, what="steady ingest")
             await asyncio.to_thread(fault_infra.postgres, "stop")
             down = await eventually(readyz, lambda r: r.status_code == 503, what="not ready")
             assert down.json()["checks"]["store"] is False, down.json()
@@ -45,7 +52,9 @@ async def test_postgres_restart_not_ready_then_recovers_nothing_lost(
             assert view.json()["error"] == "store_unavailable"
             during = len(publisher.accepted)
             await eventually(
-                lambda: _n(publisher), lambda n: n >= during + 200, what="ingest during outage"
+                publisher.accepted_count,
+                lambda n: n >= during + 200,
+                what="ingest during outage",
             )
             await asyncio.to_thread(fault_infra.postgres, "start")
             await eventually(readyz, lambda r: r.status_code == 200, timeout=60, what="ready")
@@ -57,12 +66,4 @@ async def test_postgres_restart_not_ready_then_recovers_nothing_lost(
         steady.cancel()
         proc.stop()
 
-    accepted = len(publisher.accepted)
-    assert not publisher.unexpected, publisher.unexpected
-    assert final.processed == accepted, (final, accepted, publisher.statuses)
-    assert final.user_events == accepted, (final, accepted)
-    assert final.account_events == accepted, (final, accepted)
-
-
-async def _n(publisher: Publisher) -> int:
-    return len(publisher.accepted)
+    assert_every_accepted_event_once(final, publisher)
