@@ -38,8 +38,16 @@ import numpy as np  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
 from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
 
-from tests.harness import create_database, drop_database, infra_env  # noqa: E402
+from tests.harness import (  # noqa: E402
+    TEST_ADMIN_KEY,
+    create_database,
+    drop_database,
+    infra_env,
+)
 
+# The bootstrap admin key: every request is authenticated like a client's; it is never rate
+# limited, so the bench measures the service, not a throttle.
+AUTH = f"Authorization: Bearer {TEST_ADMIN_KEY}\r\n"
 USERS = 20_000
 ACCOUNTS = 2_000
 ROLES = ("end_user", "end_user", "end_user", "admin", "champion", "economic_buyer")
@@ -105,9 +113,9 @@ async def seed_view(url: str, seed: int = 7) -> None:
 
 def train_model(registry: Path, trees: int = 200, seed: int = 7) -> str:
     """A 200-tree lambdarank model on real feature rows (random contexts × the default
-    library) with a synthetic outcome, calibrated and promoted in the registry."""
+    library) with a synthetic outcome, calibrated, saved in the working-copy folder."""
     from models.features import INDEX, Context, build_matrix
-    from models.ranker import promote, save_model
+    from models.ranker import save_model
     from models.train import fit_calibration, train_ranker, training_meta
     from services.decision.engine import facts
     from services.decision.library import load_library
@@ -141,7 +149,6 @@ def train_model(registry: Path, trees: int = 200, seed: int = 7) -> str:
         "calibration": fit_calibration(np.asarray(booster.predict(x)), y)
     }
     save_model(booster, registry, "bench-200", meta)
-    promote(registry, "bench-200")
     return "bench-200"
 
 
@@ -171,7 +178,7 @@ def serve(port: int) -> None:
 
 
 async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> int:
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n{AUTH}\r\n".encode())
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     length = 0
@@ -289,6 +296,9 @@ def main() -> None:
     url = asyncio.run(prepare(admin_url))
     registry = Path(tempfile.mkdtemp(prefix="nbv-bench-registry-"))
     version = train_model(registry)
+    from models.registry_store import register_and_promote
+
+    asyncio.run(register_and_promote(url, registry, version, by="bench/decision"))
     port = free_port()
     env = {
         **os.environ,
@@ -298,6 +308,7 @@ def main() -> None:
         "NBV_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:8]}.",
         "NBV_MODEL_DIR": str(registry),
         "NBV_AUTO_MIGRATE": "false",
+        "NBV_ADMIN_KEY": TEST_ADMIN_KEY,
     }
     server = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port)], env=env)
     try:

@@ -1,20 +1,25 @@
 """Proof of lift: the simulated world under three policies, each against its own NBV process.
 
-- random: uniform among the eligible elements the API returns (the simulator asks for up to 20
-  and picks one; it knows its own propensity, 1/n);
+All three serve what NBV ships: the default library, playbooks and decision rules, and the
+default contact policy (per-element cool-downs, caps per channel, snoozes, suppression after a
+dismissal, quiet hours). They differ only in how the eligible elements are ranked:
+
+- random: the API with ε = 1: uniform among the eligible elements, slot by slot;
 - rules:  the API's rule prior, ε = 0;
 - ranker: the API with ε-greedy exploration (logged propensities), a LightGBM ranker retrained
-  after every week from that process's own store (export → train → evaluate → promote into its
-  NBV_MODEL_DIR; the decision service hot-swaps the champion, no restart).
+  after every week from that process's own store (export → train → off-policy estimate →
+  register and promote; the decision service hot-swaps the champion, no restart).
 
-Before each promotion the off-policy value of the new model is estimated on the held-out end of
-its training log; the value it then achieves (completions per first card) is measured in the
-following week. Same world seed for every policy (common random numbers).
+Time: each NBV process runs on the simulator's clock (``models.simulator.clock``), which moves
+one simulated day at a time, so a week takes seconds and every time rule of the contact policy,
+the snoozes, the usage windows and triggers, and the playbook delays work as they would in
+production.
 
-Time is compressed: a simulated week takes seconds of wall clock, so the library served by the
-bench processes has its per-element cool-downs set to 0 (otherwise "don't re-offer for 7 days"
-means "never again" and the random policy, which is offered 20 cards at a time, would exhaust
-its pool in a session), and contact caps are lifted for the in-app channel.
+Off-policy: before each promotion the value of the new model (completions per first card, under
+the ε-greedy policy it will serve with) is estimated on the held-out end of its training log,
+i.e. from the logs of the policy that was serving; the value it then achieves is measured on the
+decisions it served, from the same export (late completions from the inbox count for both).
+Same world seed for every policy (common random numbers).
 
 Usage: python bench/lift.py [--quick] [--accounts N] [--weeks W] [--seed S]
 Last line: {"lift_vs_rules": …, "lift_vs_random": …, "ope_rel_error": …}
@@ -25,6 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import signal
 import sys
 import tempfile
 import time
@@ -33,22 +40,24 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.evaluate import evaluate_model
+from models.evaluate import evaluate_model, first_card_value
 from models.export import load_log
 from models.fit import TrainConfig, save_trained, train_from_log
 from models.logdata import LogData
-from models.ranker import load_model, promote
-from models.simulator.driver import Policy, Simulation, WeekSummary, simulate
-from services.decision.library import DEFAULT_LIBRARY, load_library
-from tests.harness import ServiceProcess
+from models.ranker import load_model
+from models.registry_store import register_and_promote
+from models.simulator.clock import SharedClock
+from models.simulator.driver import Simulation, WeekSummary, run
+from tests.harness import ServiceProcess, auth_headers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "models" / "configs" / "default.yaml"
-NO_CAP = json.dumps({"in_app": 1_000_000, "email": 1_000_000, "csm": 1_000_000})
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ARMS = ("random", "rules", "ranker")
 
 
 @dataclass
@@ -56,7 +65,8 @@ class Round:
     version: str
     ope: dict[str, float]
     ope_decisions: int
-    achieved: float = float("nan")
+    ess: float
+    achieved: float = math.nan
     achieved_decisions: int = 0
 
 
@@ -66,6 +76,7 @@ class Outcome:
     weeks: list[WeekSummary]
     rounds: list[Round] = field(default_factory=list)
     seconds: float = 0.0
+    decisions: int = 0
 
     def success(self, from_week: int) -> float:
         weeks = [w for w in self.weeks if w.week >= from_week]
@@ -77,50 +88,41 @@ class Outcome:
         return self.weeks[-1].retained_users if self.weeks else 0.0
 
 
-def bench_library(folder: Path) -> Path:
-    lib = load_library(DEFAULT_LIBRARY)
-    data = {
-        "version": lib.version,
-        "elements": [
-            {**e.model_dump(mode="json", exclude_none=True), "cooldown_days": 0}
-            for e in lib.elements
-        ],
-    }
-    path = folder / "library.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def process_env(folder: Path, epsilon: float, seed: int) -> dict[str, str]:
+def process_env(folder: Path, epsilon: float, seed: int, clock: SharedClock) -> dict[str, str]:
     return {
         "NBV_BUS": "embedded",
         "NBV_DATABASE_URL": "",
         "NBV_DATA_DIR": str(folder / "data"),
         "NBV_MODEL_DIR": str(folder / "registry"),
-        "NBV_LIBRARY_PATH": str(bench_library(folder)),
         "NBV_EXPLORATION_EPSILON": str(epsilon),
         "NBV_DECISION_SEED": str(seed),
-        "NBV_CONTACT_CAP_PER_DAY": NO_CAP,
-        "NBV_CONTACT_CAP_PER_WEEK": NO_CAP,
         "NBV_MODEL_POLL_S": "0.25",
+        # Timers poll often, so a simulated day's unsnoozes and sweeps run before its sessions.
+        "NBV_DELIVERY_POLL_S": "0.1",
+        "NBV_INGEST_SCHEDULER_POLL_S": "0.1",
         "NBV_LOG_LEVEL": "WARNING",
+        **clock.process_env(),
     }
+
+
+def store_url(folder: Path) -> str:
+    return f"sqlite+aiosqlite:///{(folder / 'data' / 'nbv.sqlite').resolve()}"
 
 
 class Retrainer:
     """After each week: export the process's log, train, estimate off-policy, promote."""
 
-    def __init__(self, folder: Path, epsilon: float, config: TrainConfig) -> None:
-        self.url = f"sqlite+aiosqlite:///{(folder / 'data' / 'nbv.sqlite').resolve()}"
+    def __init__(self, folder: Path, epsilon: float, config: TrainConfig, clock: SharedClock):
+        self.url = store_url(folder)
         self.registry = folder / "registry"
         self.epsilon = epsilon
         self.config = config
+        self.clock = clock
         self.rounds: list[Round] = []
 
     async def __call__(self, week: int) -> None:
-        until = datetime.now(UTC) + timedelta(seconds=1)
-        table = await load_log(self.url, datetime(1970, 1, 1, tzinfo=UTC), until)
-        data = LogData.from_table(table)
+        until = self.clock.now() + timedelta(seconds=1)
+        data = LogData.from_table(await load_log(self.url, EPOCH, until))
         trained = await asyncio.to_thread(train_from_log, data, self.config, progress=False)
         version = f"lgbm-week{week}"
         await asyncio.to_thread(save_trained, trained, self.registry, version)
@@ -147,98 +149,144 @@ class Retrainer:
                     "dr": op.dr.estimate,
                 },
                 op.decisions,
+                op.effective_sample_size,
             )
         )
-        promote(self.registry, version)
-        await asyncio.sleep(1.0)  # the service polls CHAMPION every 0.25 s and swaps
+        await register_and_promote(self.url, self.registry, version, by="bench/lift")
+        await asyncio.sleep(1.0)  # the service polls the assignment every 0.25 s and swaps
 
 
-async def run_policy(
-    name: str, policy: Policy, epsilon: float, args: argparse.Namespace, root: Path
-) -> Outcome:
+async def run_arm(name: str, args: argparse.Namespace, root: Path) -> Outcome:
     folder = root / name
     folder.mkdir()
-    env = process_env(folder, epsilon, args.seed)
-    proc = ServiceProcess(["run"], env, folder, name)
+    epsilon = {"random": 1.0, "rules": 0.0, "ranker": args.epsilon}[name]
+    clock = SharedClock(folder / "clock")
+    proc = ServiceProcess(["run"], process_env(folder, epsilon, args.seed, clock), folder, name)
     started = time.monotonic()
-    retrainer = Retrainer(folder, epsilon, TrainConfig.load(CONFIG)) if name == "ranker" else None
+    retrainer = (
+        Retrainer(folder, epsilon, TrainConfig.load(args.config), clock)
+        if name == "ranker"
+        else None
+    )
     try:
         await proc.wait_ready()
-        weeks, sim = await simulate(
-            proc.url,
-            accounts=args.accounts,
-            weeks=args.weeks,
-            seed=args.seed,
-            policy=policy,
-            concurrency=args.concurrency,
-            cards=args.cards,
-            on_week=lambda s: print(f"{name:>6} {s.line()}", file=sys.stderr, flush=True),
-            between_weeks=retrainer,
-        )
+        limits = httpx.Limits(max_connections=args.concurrency * 2)
+        async with httpx.AsyncClient(
+            base_url=proc.url, headers=auth_headers(), timeout=60.0, limits=limits
+        ) as client:
+            sim = Simulation(
+                client,
+                seed=args.seed,
+                accounts=args.accounts,
+                concurrency=args.concurrency,
+                cards=args.cards,
+                clock=clock,
+                settle_s=args.settle,
+            )
+            weeks = await run(
+                sim,
+                args.weeks,
+                on_week=lambda s: print(f"{name:>6} {s.line()}", file=sys.stderr, flush=True),
+                between_weeks=retrainer,
+            )
     finally:
         proc.stop()
     out = Outcome(name, weeks, seconds=time.monotonic() - started)
+    out.decisions = sum(w.decisions for w in weeks)
     if retrainer is not None:
         out.rounds = retrainer.rounds
-        achieved(out, sim)
+        data = LogData.from_table(
+            await load_log(retrainer.url, EPOCH, clock.now() + timedelta(days=1))
+        )
+        for r in out.rounds:
+            r.achieved, r.achieved_decisions = first_card_value(data, r.version)
+    clock.close()
     return out
 
 
-def achieved(out: Outcome, sim: Simulation) -> None:
-    """The value each promoted model achieved while it served (completions per first card)."""
-    for r in out.rounds:
-        served = [s for s in sim.shown if s.model_version == r.version]
-        r.achieved_decisions = len(served)
-        if served:
-            r.achieved = sum(s.reward for s in served) / len(served)
+async def run_arms(arms: list[str], args: argparse.Namespace, root: Path) -> dict[str, Outcome]:
+    """The arms share nothing but the seed: each has its own NBV process, store and clock, so
+    they can run side by side (two cores serve three processes better than one)."""
+    if args.sequential:
+        return {name: await run_arm(name, args, root) for name in arms}
+    done = await asyncio.gather(*(run_arm(name, args, root) for name in arms))
+    return dict(zip(arms, done, strict=True))
 
 
 def ope_error(rounds: list[Round], estimator: str) -> float:
-    used = [r for r in rounds if r.achieved_decisions]
+    """|estimate − achieved| ÷ achieved of the decision-weighted means over the rounds."""
+    used = [r for r in rounds if r.achieved_decisions and math.isfinite(r.ope[estimator])]
     decisions = sum(r.achieved_decisions for r in used)
     if not decisions:
-        return float("nan")
+        return math.nan
     estimate = sum(r.ope[estimator] * r.achieved_decisions for r in used) / decisions
     value = sum(r.achieved * r.achieved_decisions for r in used) / decisions
-    return abs(estimate - value) / value if value else float("nan")
+    return abs(estimate - value) / value if value else math.nan
+
+
+def mean_round_error(rounds: list[Round], estimator: str) -> float:
+    """The decision-weighted mean of each round's own relative error (no cancelling out)."""
+    used = [r for r in rounds if r.achieved_decisions and r.achieved > 0]
+    decisions = sum(r.achieved_decisions for r in used)
+    if not decisions:
+        return math.nan
+    return (
+        sum(abs(r.ope[estimator] - r.achieved) / r.achieved * r.achieved_decisions for r in used)
+        / decisions
+    )
+
+
+def _round(value: float, digits: int = 3) -> float | None:
+    return round(value, digits) if math.isfinite(value) else None
 
 
 def report(outcomes: dict[str, Outcome], warmup: int) -> dict[str, Any]:
-    print(f"\nper policy, weeks {warmup}..end (week 0 is the ranker's warm-up on the prior):")
+    print(
+        f"\nper policy, weeks {warmup}..end (the ranker's first week{'s' * (warmup > 1)} "
+        "serve the rule prior with exploration):"
+    )
     for o in outcomes.values():
         print(
             f"  {o.name:>6}: success {o.success(warmup):.3f} completed/user-week "
             f"(all weeks {o.success(0):.3f}), retained users {o.retention:.2f}, "
-            f"accounts {o.weeks[-1].retained_accounts:.2f}, {o.seconds:.0f} s"
+            f"accounts {o.weeks[-1].retained_accounts:.2f}, {o.decisions} decisions, "
+            f"{o.seconds:.0f} s"
         )
     ranker = outcomes["ranker"]
     for r in ranker.rounds:
         print(
-            f"  {r.version}: OPE on {r.ope_decisions} held-out decisions  "
+            f"  {r.version}: OPE on {r.ope_decisions} held-out decisions (ESS {r.ess:.0f})  "
             + "  ".join(f"{k} {v:.3f}" for k, v in r.ope.items())
             + f"  →  achieved {r.achieved:.3f} over {r.achieved_decisions} decisions"
         )
-    errors = {e: ope_error(ranker.rounds, e) for e in ("ips", "snips", "dr")}
+    estimators = ("ips", "snips", "dr")
+    errors = {e: ope_error(ranker.rounds, e) for e in estimators}
+    per_round = {e: mean_round_error(ranker.rounds, e) for e in estimators}
     print(
-        "  OPE relative error (decision-weighted): "
+        "  OPE relative error (decision-weighted means): "
         + ", ".join(f"{k} {v:.3f}" for k, v in errors.items())
+        + "; mean of the rounds' own errors: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in per_round.items())
     )
     base_rules = outcomes["rules"].success(warmup)
     base_random = outcomes["random"].success(warmup)
     learned = ranker.success(warmup)
     return {
-        "lift_vs_rules": round(learned / base_rules, 3) if base_rules else None,
-        "lift_vs_random": round(learned / base_random, 3) if base_random else None,
-        "ope_rel_error": round(errors["dr"], 3),
+        "lift_vs_rules": _round(learned / base_rules) if base_rules else None,
+        "lift_vs_random": _round(learned / base_random) if base_random else None,
+        "ope_rel_error": _round(errors["dr"]),
         "success": {k: round(o.success(warmup), 4) for k, o in outcomes.items()},
         "retained_users": {k: round(o.retention, 3) for k, o in outcomes.items()},
-        "ope_rel_error_by_estimator": {k: round(v, 3) for k, v in errors.items()},
+        "decisions": {k: o.decisions for k, o in outcomes.items()},
+        "ope_rel_error_by_estimator": {k: _round(v) for k, v in errors.items()},
+        "ope_mean_round_error": {k: _round(v) for k, v in per_round.items()},
         "weeks": len(ranker.weeks),
+        "warmup_weeks": warmup,
     }
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer accounts and weeks")
     parser.add_argument("--accounts", type=int)
     parser.add_argument("--weeks", type=int)
@@ -246,20 +294,34 @@ async def main() -> None:
     parser.add_argument("--epsilon", type=float, default=0.15, help="the ranker's exploration")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--cards", type=int, default=3, help="cards per session")
+    parser.add_argument("--warmup", type=int, default=1, help="weeks left out of the success")
+    parser.add_argument("--settle", type=float, default=0.3, help="seconds after each day step")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the ranker's train config")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset")
+    parser.add_argument("--keep", type=Path, help="run in this folder and keep it (stores, logs)")
+    parser.add_argument(
+        "--sequential", action="store_true", help="one arm after the other (default: together)"
+    )
     args = parser.parse_args()
     args.accounts = args.accounts or (12 if args.quick else 30)
     args.weeks = args.weeks or (4 if args.quick else 8)
-    with tempfile.TemporaryDirectory(prefix="nbv-lift-") as tmp:
-        root = Path(tmp)
-        outcomes = {
-            "random": await run_policy("random", "random", 0.0, args, root),
-            "rules": await run_policy("rules", "api", 0.0, args, root),
-            "ranker": await run_policy("ranker", "api", args.epsilon, args, root),
-        }
-    result = report(outcomes, warmup=1)
+    arms = [a for a in args.arms.split(",") if a]
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=False)
+        outcomes = await run_arms(arms, args, args.keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="nbv-lift-") as tmp:
+            outcomes = await run_arms(arms, args, Path(tmp))
+    if set(arms) != set(ARMS):
+        for o in outcomes.values():
+            print(f"{o.name}: success {o.success(args.warmup):.4f}", file=sys.stderr)
+        return
+    result = report(outcomes, warmup=args.warmup)
     result["accounts"] = args.accounts
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
+    # SIGTERM ends the run like Ctrl-C: the NBV processes it started are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     asyncio.run(main())

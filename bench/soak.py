@@ -37,7 +37,13 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from tests.harness import ServiceProcess, create_database, infra_env, rss_bytes  # noqa: E402
+from tests.harness import (  # noqa: E402
+    ServiceProcess,
+    auth_headers,
+    create_database,
+    infra_env,
+    rss_bytes,
+)
 
 INGEST_BATCH = 50
 MIX = (("ingest", 0.7), ("decide", 0.2), ("respond", 0.1))
@@ -146,7 +152,7 @@ async def run_peak(load: Load, seconds: float, concurrency: int = 16) -> float:
 
     async def worker() -> None:
         nonlocal done
-        async with httpx.AsyncClient(timeout=30) as http:
+        async with httpx.AsyncClient(timeout=30, headers=auth_headers()) as http:
             while time.monotonic() < deadline:
                 await load.one(http, load.pick())
                 done += 1
@@ -175,7 +181,9 @@ async def run_steady(
     in_flight: set[asyncio.Task[None]] = set()
     start = time.monotonic()
     end = start + minutes * 60
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as http:
+    async with httpx.AsyncClient(
+        timeout=30, limits=httpx.Limits(max_connections=64), headers=auth_headers()
+    ) as http:
         next_sample = start
         n = 0
         while time.monotonic() < end:
@@ -238,7 +246,7 @@ async def main() -> None:
         users = [(f"acct-{i % 40}", f"user-{i}") for i in range(args.users)]
         load = Load(proc.url, users)
         # Known people first, so decisions have someone to decide for.
-        async with httpx.AsyncClient(timeout=30) as http:
+        async with httpx.AsyncClient(timeout=30, headers=auth_headers()) as http:
             for i in range(0, len(users), 200):
                 events = [
                     {

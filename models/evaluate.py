@@ -200,6 +200,17 @@ def logged_bandit(
     return out
 
 
+def first_card_value(data: LogData, model_version: str | None = None) -> tuple[float, int]:
+    """The on-policy value the off-policy estimates predict: mean reward of the first card
+    shown per decision (optionally only the decisions ``model_version`` served), and how many
+    decisions that is. Same rows as ``logged_bandit`` uses."""
+    first = data.shown & (data.propensity > 0) & (data.rank == 1)
+    if model_version is not None:
+        first &= data.model_version == model_version
+    rewards = data.reward[first]
+    return (float(rewards.mean()) if len(rewards) else float("nan")), len(rewards)
+
+
 class OffPolicy(BaseModel):
     decisions: int
     logged_value: Interval

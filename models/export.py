@@ -12,11 +12,15 @@ the off-policy estimates use — 1 completed, else 0.
 
 Features at decision time: the decision row logs the person's context features exactly; the
 element features are rebuilt from the library version the decision was made with, the way
-``build_matrix`` builds them. Two columns depend on per-area usage, which the decision log
-carries only if it logs ``context.feature_usage``: ``area_usage`` (NaN when not logged; LightGBM
-treats it as missing) and ``rule_score`` (recovered exactly from the logged P(success) when the
-rule prior was serving, otherwise recomputed from the logged context, exact only with
-``feature_usage``). ``features_exact`` says which rows are exact.
+``build_matrix`` builds them, from what the decision logged next to its context features:
+per-area usage (``context.feature_usage``), per-area sophistication and support questions
+(``context.area_sophistication``, ``context.area_questions``) and the person's offer history
+(``context.offer_history``: element id -> [times offered, days since the last offer]) and
+their earlier answers by area and kind (``context.area_outcomes``, ``context.kind_outcomes``:
+[achieved, dismissed]). Logs
+written before the engine recorded one of these get NaN in the columns it feeds (LightGBM treats
+NaN as missing); ``rule_score`` is then recovered exactly from the logged P(success) when the
+rule prior was serving. ``features_exact`` says which rows are exact.
 """
 
 from __future__ import annotations
@@ -98,6 +102,12 @@ def context_from_features(f: dict[str, float], now: datetime) -> Context:
     )
 
 
+def _pairs(logged: object) -> dict[str, tuple[int, int]]:
+    if not isinstance(logged, dict):
+        return {}
+    return {str(k): (int(v[0]), int(v[1])) for k, v in logged.items()}
+
+
 @dataclass(frozen=True)
 class DecisionRows:
     meta: list[dict[str, Any]]
@@ -116,6 +126,23 @@ def decision_rows(
     ctx = context_from_features(logged, row.created_at)
     if usage is not None:
         ctx = dataclasses.replace(ctx, feature_usage=dict(usage))
+    # Per-area standing and offer history, logged since those features exist; NaN before.
+    areas_logged = "area_sophistication" in ctx_log
+    offers_logged = "offer_history" in ctx_log
+    outcomes_logged = "area_outcomes" in ctx_log
+    ctx = dataclasses.replace(
+        ctx,
+        area_sophistication={
+            str(k): float(v) for k, v in (ctx_log.get("area_sophistication") or {}).items()
+        },
+        area_questions={str(k): int(v) for k, v in (ctx_log.get("area_questions") or {}).items()},
+        offer_history={
+            str(k): (int(v[0]), float(v[1]))
+            for k, v in (ctx_log.get("offer_history") or {}).items()
+        },
+        area_outcomes=_pairs(ctx_log.get("area_outcomes")),
+        kind_outcomes=_pairs(ctx_log.get("kind_outcomes")),
+    )
     stage_now = ctx_log.get("stage") or ctx.stage()
     chosen = {c["element_id"]: c for c in row.chosen}
     eligible = [
@@ -127,13 +154,30 @@ def decision_rows(
     for name, value in logged.items():
         if name in INDEX:
             matrix[:, INDEX[name]] = value
+    if "offers_7d" not in logged:
+        matrix[:, INDEX["offers_7d"]] = math.nan
     meta: list[dict[str, Any]] = []
     for i, c in enumerate(eligible):
         el = elements[c["element_id"]]
         matrix[i, INDEX["stage_match"]] = float(el.stage.value == stage_now)
-        exact = usage is not None
+        exact = (
+            offers_logged
+            and outcomes_logged
+            and (not el.feature_area or (usage is not None and areas_logged))
+        )
         if usage is None:
             matrix[i, INDEX["area_usage"]] = math.nan if el.feature_area else 0.0
+            if el.feature_area:
+                matrix[i, INDEX["area_share"]] = math.nan
+        if not areas_logged and el.feature_area:
+            matrix[i, INDEX["area_sophistication"]] = math.nan
+            matrix[i, INDEX["area_questions"]] = math.nan
+        if not offers_logged:
+            matrix[i, INDEX["times_offered"]] = math.nan
+            matrix[i, INDEX["days_since_offered"]] = math.nan
+        if not outcomes_logged:
+            for name in ("area_achieved", "area_dismissed", "kind_achieved", "kind_dismissed"):
+                matrix[i, INDEX[name]] = math.nan
         if row.model_version == "rules-v1" and c.get("p_success") is not None:
             # The rule prior logs P = o / (1 + o) with o = rule_score ÷ value weight.
             p = min(float(c["p_success"]), 1 - 1e-12)
@@ -160,7 +204,7 @@ def decision_rows(
                 "outcome": outcome or "",
                 "label": GRADE.get(outcome or "", 0),
                 "reward": 1.0 if outcome == "completed" else 0.0,
-                "features_exact": exact or not el.feature_area,
+                "features_exact": exact,
             }
         )
     return DecisionRows(meta, matrix)

@@ -7,8 +7,8 @@ model and checked when it loads.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import numpy as np
@@ -26,6 +26,20 @@ KINDS = (
 )
 STAGES = ("onboard", "engage", "monitor", "grow", "renew")
 ROLES = ("end_user", "admin", "champion", "economic_buyer")
+# The product's feature areas, as the tracking plan names them (``feature_area`` of product
+# events, support tickets and library elements). An element outside these has no area column.
+AREAS = (
+    "core",
+    "integrations",
+    "automation",
+    "reporting",
+    "admin",
+    "api",
+    "collaboration",
+    "billing",
+)
+# "Never" for the days-since features: far beyond any contact-history horizon.
+NEVER_DAYS = 999.0
 
 FEATURES: tuple[str, ...] = (
     "tenure_days",
@@ -44,6 +58,7 @@ FEATURES: tuple[str, ...] = (
     "sophistication",
     "past_due",
     "log_mrr",
+    "offers_7d",
     *(f"role_{r}" for r in ROLES),
     *(f"stage_now_{s}" for s in STAGES),
     "value_weight",
@@ -54,6 +69,16 @@ FEATURES: tuple[str, ...] = (
     "role_match",
     "area_usage",
     "rule_score",
+    *(f"area_{a}" for a in AREAS),
+    "area_share",
+    "area_sophistication",
+    "area_questions",
+    "times_offered",
+    "days_since_offered",
+    "area_achieved",
+    "area_dismissed",
+    "kind_achieved",
+    "kind_dismissed",
 )
 INDEX = {name: i for i, name in enumerate(FEATURES)}
 
@@ -80,6 +105,18 @@ class Context:
     sophistication: float | None = None  # 0..1
     past_due: bool = False
     mrr: float | None = None
+    # Per feature area, from the view: its sophistication score (0..1, services.ingest.summary)
+    # and the support tickets the person opened about it.
+    area_sophistication: dict[str, float] = field(default_factory=dict)
+    area_questions: dict[str, int] = field(default_factory=dict)
+    # From the decision log's contacts within the contact-history horizon: element id ->
+    # (times offered to this person, days since the last offer); and all offers in 7 days.
+    offer_history: dict[str, tuple[int, float]] = field(default_factory=dict)
+    offers_7d: int = 0
+    # How the person answered earlier offers, by the feature area and by the kind of the
+    # elements: (achieved, dismissed) counts.
+    area_outcomes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    kind_outcomes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def usage_wow_change(self) -> float:
@@ -126,6 +163,7 @@ class ElementFacts:
     value_weight: float
     effort_minutes: int
     feature_area: str | None
+    element_id: str = ""  # keys the person's offer history
 
 
 def context_vector(ctx: Context) -> dict[str, float]:
@@ -148,6 +186,7 @@ def context_vector(ctx: Context) -> dict[str, float]:
         "sophistication": ctx.sophistication if ctx.sophistication is not None else -1.0,
         "past_due": float(ctx.past_due),
         "log_mrr": math.log1p(max(0.0, ctx.mrr or 0.0)),
+        "offers_7d": float(ctx.offers_7d),
     }
     for r in ROLES:
         values[f"role_{r}"] = float(ctx.role == r)
@@ -187,6 +226,7 @@ def rule_score(ctx: Context, el: ElementFacts) -> float:
 
 def build_matrix(ctx: Context, elements: Sequence[ElementFacts]) -> npt.NDArray[np.float64]:
     base = context_vector(ctx)
+    total_usage = sum(ctx.feature_usage.values())
     stage_now = ctx.stage()
     rows = np.zeros((len(elements), len(FEATURES)), dtype=np.float64)
     context_cols = [INDEX[name] for name in base]
@@ -203,4 +243,69 @@ def build_matrix(ctx: Context, elements: Sequence[ElementFacts]) -> npt.NDArray[
             math.log1p(ctx.feature_usage.get(el.feature_area, 0)) if el.feature_area else 0.0
         )
         row[INDEX["rule_score"]] = rule_score(ctx, el)
+        _area_columns(row, ctx, el.feature_area, total_usage)
+        times, days = ctx.offer_history.get(el.element_id, (0, NEVER_DAYS))
+        row[INDEX["times_offered"]] = float(times)
+        row[INDEX["days_since_offered"]] = days
+        achieved, dismissed = ctx.area_outcomes.get(el.feature_area or "", (0, 0))
+        row[INDEX["area_achieved"]], row[INDEX["area_dismissed"]] = achieved, dismissed
+        achieved, dismissed = ctx.kind_outcomes.get(el.kind, (0, 0))
+        row[INDEX["kind_achieved"]], row[INDEX["kind_dismissed"]] = achieved, dismissed
     return rows
+
+
+def _area_columns(
+    row: npt.NDArray[np.float64], ctx: Context, area: str | None, total_usage: int
+) -> None:
+    """How the person stands in the element's feature area (zeros when it has none)."""
+    if not area:
+        return
+    if f"area_{area}" in INDEX:
+        row[INDEX[f"area_{area}"]] = 1.0
+    used = ctx.feature_usage.get(area, 0)
+    row[INDEX["area_share"]] = used / total_usage if total_usage else 0.0
+    row[INDEX["area_sophistication"]] = ctx.area_sophistication.get(area, 0.0)
+    row[INDEX["area_questions"]] = float(ctx.area_questions.get(area, 0))
+
+
+def offer_history(ctx: Context, offers: Iterable[tuple[str, datetime]]) -> Context:
+    """``ctx`` with the person's offer history: ``offers`` are (element id, when offered), from
+    the decision log's contacts (every channel) within the contact-history horizon."""
+    counts: dict[str, int] = {}
+    last: dict[str, datetime] = {}
+    recent = 0
+    for element_id, at in offers:
+        counts[element_id] = counts.get(element_id, 0) + 1
+        if element_id not in last or at > last[element_id]:
+            last[element_id] = at
+        if (ctx.now - at).total_seconds() < 7 * 86_400:
+            recent += 1
+    history = {
+        e: (n, max(0.0, (ctx.now - last[e]).total_seconds() / 86_400)) for e, n in counts.items()
+    }
+    return replace(ctx, offer_history=history, offers_7d=recent)
+
+
+def past_outcomes(
+    ctx: Context,
+    achieved: Iterable[str],
+    dismissed: Iterable[str],
+    elements: Mapping[str, ElementFacts],
+) -> Context:
+    """``ctx`` with the person's earlier answers (element ids they achieved and dismissed)
+    counted by feature area and by kind of element; ids not in ``elements`` are skipped."""
+    by_area: dict[str, list[int]] = {}
+    by_kind: dict[str, list[int]] = {}
+    for column, ids in ((0, achieved), (1, dismissed)):
+        for element_id in ids:
+            el = elements.get(element_id)
+            if el is None:
+                continue
+            if el.feature_area:
+                by_area.setdefault(el.feature_area, [0, 0])[column] += 1
+            by_kind.setdefault(el.kind, [0, 0])[column] += 1
+    return replace(
+        ctx,
+        area_outcomes={k: (v[0], v[1]) for k, v in by_area.items()},
+        kind_outcomes={k: (v[0], v[1]) for k, v in by_kind.items()},
+    )

@@ -1,17 +1,19 @@
 """The ranker slot: a rule prior until a trained LightGBM model is promoted in the registry.
 
-Registry layout (``models/registry`` by default)::
+The registry of record is the store (``models.registry_store``: artifacts, metadata and which
+version serves). A folder (``NBV_MODEL_DIR``, ``models/registry`` by default) is the data
+scientist's working copy, where training writes and evaluation adds its report::
 
     <version>/model.txt     LightGBM booster (text format)
-    <version>/meta.json     {"version", "features", "trained_at", ...}
-    CHAMPION                the version being served
+    <version>/meta.json     {"version", "features", "trained_at", "calibration", ...}
+    <version>/evaluation.json, card.md, *.png   from ``nbv model evaluate``
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import lightgbm as lgb
 import numpy as np
@@ -98,39 +100,55 @@ def save_model(booster: lgb.Booster, registry: Path, version: str, meta: dict[st
     return target
 
 
-def promote(registry: Path, version: str) -> None:
-    if not (registry / version / "model.txt").exists():
-        raise ModelError(f"no model {version!r} in {registry}")
-    tmp = registry / "CHAMPION.tmp"
-    tmp.write_text(version)
-    tmp.replace(registry / "CHAMPION")  # atomic: readers see the old or the new name
+def feature_mismatch(features: object) -> str | None:
+    """Why a model trained on ``features`` cannot serve with this code's features, or None."""
+    if features == list(FEATURES):
+        return None
+    theirs = [str(f) for f in features] if isinstance(features, list) else []
+    missing = [f for f in FEATURES if f not in theirs]
+    extra = [f for f in theirs if f not in INDEX]
+    if not missing and not extra:
+        return "it has the same features in another column order"
+    parts = []
+    if missing:
+        parts.append(f"lacks {', '.join(missing)}")
+    if extra:
+        parts.append(f"has unknown {', '.join(extra)}")
+    return "it " + " and ".join(parts)
 
 
-def load_model(registry: Path, version: str) -> LightGBMRanker:
-    folder = registry / version
-    meta = json.loads((folder / "meta.json").read_text())
-    if meta.get("features") != list(FEATURES):
-        raise ModelError(f"model {version!r} was trained on other features than this code builds")
+def ranker_from_text(model_text: str, version: str, meta: dict[str, Any]) -> LightGBMRanker:
+    """A servable ranker from the booster's text and its meta (CPU-bound: call off the loop)."""
+    why = feature_mismatch(meta.get("features"))
+    if why is not None:
+        raise ModelError(
+            f"model {version!r} was trained on other features than this code builds: {why}"
+        )
     calibration = meta.get("calibration") or {}
     return LightGBMRanker(
-        lgb.Booster(model_file=str(folder / "model.txt")),
+        lgb.Booster(model_str=model_text),
         version,
         slope=float(calibration.get("slope", 1.0)),
         intercept=float(calibration.get("intercept", 0.0)),
     )
 
 
-def champion_version(registry: Path) -> str | None:
-    marker = registry / "CHAMPION"
+def read_working_copy(registry: Path, version: str) -> tuple[str, dict[str, Any]]:
+    """The model text and meta of ``<registry>/<version>``."""
+    folder = registry / version
     try:
-        return marker.read_text().strip() or None
-    except FileNotFoundError:
-        return None
+        text = (folder / "model.txt").read_text()
+        meta = json.loads((folder / "meta.json").read_text())
+    except FileNotFoundError as exc:
+        raise ModelError(
+            f"no model {version!r} in {registry} ({exc.filename} is missing)"
+        ) from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{folder / 'meta.json'} is not a JSON object")
+    return text, meta
 
 
-def load_champion(registry: Path) -> Ranker:
-    """The promoted model, or the rule prior when none has been promoted yet."""
-    version = champion_version(registry)
-    if version is None:
-        return RulePrior()
-    return load_model(registry, version)
+def load_model(registry: Path, version: str) -> LightGBMRanker:
+    """The working copy's model, e.g. to evaluate it before it is registered."""
+    text, meta = read_working_copy(registry, version)
+    return ranker_from_text(text, version, meta)

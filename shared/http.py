@@ -14,9 +14,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import tracing
+from shared.access import openapi as access_openapi
+from shared.access.api import keys_router
+from shared.access.guard import AccessDenied, Guard
+from shared.access.middleware import AccessMiddleware
+from shared.access.scopes import public
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
 from shared.runtime import Runtime, Service
 from shared.store.db import migrate, ping
@@ -227,6 +233,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _access_denied(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AccessDenied)
+    return exc.response()
+
+
 async def _driver_error(request: Request, exc: Exception) -> JSONResponse:
     """Errors that reach us unwrapped by SQLAlchemy: asyncpg's own (e.g. 57P03 "the database
     system is shutting down" on connect) and socket errors. An outage is a 503 the client can
@@ -251,6 +262,7 @@ async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
 def create_app(runtime: Runtime, factories: Sequence[ServiceFactory]) -> FastAPI:
     services = [factory(runtime) for factory in factories]
     name = "+".join(s.name for s in services) or "nbv"
+    guard = Guard(runtime)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -269,6 +281,7 @@ def create_app(runtime: Runtime, factories: Sequence[ServiceFactory]) -> FastAPI
                     await service.stop()
                 except Exception:
                     log.exception("service stop failed", extra={"service_name": service.name})
+            await guard.keys.close()
             await runtime.bus.stop()
             await runtime.engine.dispose()
             log.info("stopped")
@@ -281,21 +294,35 @@ def create_app(runtime: Runtime, factories: Sequence[ServiceFactory]) -> FastAPI
     )
     app.state.runtime = runtime
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(AccessDenied, _access_denied)
     app.add_exception_handler(OperationalError, _store_unavailable)
     app.add_exception_handler(InterfaceError, _store_unavailable)
     app.add_exception_handler(PostgresError, _driver_error)
     app.add_exception_handler(OSError, _driver_error)
     # Inside the metrics middleware, so refused bodies are counted as 413s.
     app.add_middleware(BodySizeLimitMiddleware, limit=runtime.settings.max_body_bytes)
+    # Every route but the public ones needs a key (docs/security.md); before the body is read.
+    app.add_middleware(AccessMiddleware, fastapi_app=app, guard=guard)
+    # Outside access control: preflights need no key, and refusals carry the CORS headers.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=runtime.settings.cors_origins,
+        allow_methods=["GET", "POST", "PUT", "DELETE"],
+        allow_headers=["Authorization", "Content-Type"],
+        expose_headers=["Retry-After", "X-Request-ID"],
+        max_age=600,
+    )
     app.add_middleware(MetricsMiddleware, service=name)
     # Added last, so outermost: everything below, error handlers included, runs in the trace.
     app.add_middleware(TracingMiddleware)
 
     @app.get("/healthz", tags=["ops"])
+    @public
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["ops"])
+    @public
     async def readyz() -> JSONResponse:
         checks = {
             "store": await ping(runtime.engine),
@@ -309,9 +336,12 @@ def create_app(runtime: Runtime, factories: Sequence[ServiceFactory]) -> FastAPI
         )
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    @public
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     for service in services:
         app.include_router(service.router)
+    app.include_router(keys_router(runtime, guard))
+    access_openapi.install(app)
     return app

@@ -3,6 +3,7 @@ log line: every field is scrubbed, including nested extras, exception text and U
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import sys
@@ -19,6 +20,8 @@ _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
 # otherwise hide only the scheme word and leave the credential after it.
 _AUTH_HEADER = re.compile(r"(?i)(authorization[\"']?\s*[=:]\s*[\"']?)([^\"',;\r\n]+)")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=\-]+")
+# NBV's own API keys (secret and publishable), wherever they turn up in a line.
+_NBV_KEY = re.compile(r"\bnbv_[sp]k_[A-Za-z0-9._\-]+")
 _SECRET_WORDS = (
     r"password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|authorization|"
     r"cookie|credential|signature|sig"
@@ -33,11 +36,18 @@ _SECRET_KEY = re.compile(rf"(?i)(?:^|[_\-.\s])(?:{_SECRET_WORDS})(?:$|[_\-.\s])"
 REDACTED = "***"
 
 
+def log_ref(text: str) -> str:
+    """A stable short reference for a value that may name a person (a job key holding a user id,
+    say): lines about one thing still correlate, and the value itself stays out of the logs."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def redact(text: str) -> str:
     text = _EMAIL.sub("<email>", text)
     text = _SECRET_URL.sub(rf"\1{REDACTED}\3", text)
     text = _AUTH_HEADER.sub(rf"\1{REDACTED}", text)
     text = _BEARER.sub(rf"\1{REDACTED}", text)
+    text = _NBV_KEY.sub(REDACTED, text)
     return _SECRET.sub(rf"\1\2{REDACTED}", text)
 
 

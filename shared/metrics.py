@@ -42,7 +42,22 @@ DELIVERIES = Counter(
     "nbv_deliveries_total", "Deliveries by channel and outcome", ["channel", "outcome"]
 )
 RESPONSES = Counter("nbv_responses_total", "Responses received", ["outcome", "channel"])
-MODEL_INFO = Gauge("nbv_model_info", "The ranker being served (value 1)", ["version", "kind"])
+MODEL_INFO = Gauge(
+    "nbv_model_info", "The rankers being served (value 1)", ["version", "kind", "role"]
+)
+MODEL_TRAFFIC_SHARE = Gauge(
+    "nbv_model_traffic_share", "Share of people routed to each served model", ["version", "role"]
+)
+MODEL_DECISIONS = Counter(
+    "nbv_model_decisions_total",
+    "Decisions scored, by the model version that scored them",
+    ["model_version"],
+)
+MODEL_RESPONSES = Counter(
+    "nbv_model_responses_total",
+    "Responses by the model version that scored the decision",
+    ["model_version", "outcome"],
+)
 DELIVERY_ATTEMPTS = Counter(
     "nbv_delivery_attempts_total", "Send attempts on external channels", ["channel", "outcome"]
 )
@@ -55,3 +70,17 @@ DELIVERY_LATENCY = Histogram(
 INBOX_STREAMS = Gauge("nbv_inbox_streams", "Open in-app live streams")
 SCHEDULER_BACKLOG = Gauge("nbv_scheduler_backlog_jobs", "Jobs due but not yet done")
 SCHEDULER_JOBS = Counter("nbv_scheduler_jobs_total", "Scheduled jobs run", ["kind", "outcome"])
+ERASURES = Counter("nbv_erasures_total", "Erasure requests (DELETE /v1/users/{id})", ["known"])
+ERASED_EVENTS_DROPPED = Counter(
+    "nbv_erased_events_dropped_total",
+    "Events of erased people the projector dropped (replays, late arrivals)",
+)
+RAW_EVENTS_PURGED = Counter(
+    "nbv_raw_events_purged_total", "Rows removed by the raw-event retention purge", ["store"]
+)
+AUTH_FAILURES = Counter(
+    "nbv_auth_failures_total", "Requests refused by access control (401/403)", ["reason"]
+)
+RATE_LIMITED = Counter(
+    "nbv_rate_limited_total", "Requests refused with 429 by a key's rate limit", ["key"]
+)

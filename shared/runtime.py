@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 from fastapi import APIRouter
@@ -12,6 +15,8 @@ from shared.bus import Bus, create_bus
 from shared.settings import Settings
 from shared.store.db import create_engine, session_factory
 from shared.worker import ConsumerWorker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,6 +31,20 @@ class Runtime:
     def from_settings(cls, settings: Settings) -> Runtime:
         engine = create_engine(settings.resolved_database_url)
         return cls(settings, create_bus(settings), engine, session_factory(engine))
+
+    @cached_property
+    def signing_key(self) -> bytes:
+        """NBV_SIGNING_SECRET: signs email links and publishable widget keys. Unset, a random
+        key for this process (fine for a trial; set it wherever links must outlive a restart or
+        be read by another replica)."""
+        secret = self.settings.signing_secret.get_secret_value()
+        if secret:
+            return secret.encode()
+        log.warning(
+            "NBV_SIGNING_SECRET is not set: using a random one, so email links and widget keys "
+            "stop working after a restart and differ between replicas"
+        )
+        return secrets.token_bytes(32)
 
     @property
     def dialect(self) -> str:

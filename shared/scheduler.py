@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from shared.logging import log_ref
 from shared.metrics import SCHEDULER_BACKLOG, SCHEDULER_JOBS
 from shared.store.db import upsert
 from shared.store.models import ScheduledJob
@@ -151,7 +152,9 @@ class SchedulerWorker:
             error = f"{type(exc).__name__}: {exc}"[:2000]
             # Retried on the next lease expiry; given up after max_attempts (kept, visible).
             status = "failed" if job.attempts >= self._max_attempts else "running"
-            log.warning("job failed", extra={"key": job.key, "kind": job.kind, "error": error})
+            log.warning(
+                "job failed", extra={"job_ref": log_ref(job.key), "kind": job.kind, "error": error}
+            )
         SCHEDULER_JOBS.labels(job.kind, "ok" if error is None else "error").inc()
         async with self._sessions() as session, session.begin():
             values: dict[str, Any] = {"status": status, "last_error": error}

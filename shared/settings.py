@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class BusKind(StrEnum):
@@ -117,12 +118,57 @@ class Settings(BaseSettings):
     health_red_below: float = Field(default=40.0, ge=0, le=100)
     health_green_from: float = Field(default=70.0, ge=0, le=100)
     ingest_scheduler_poll_s: float = Field(default=1.0, gt=0)
+    # Rows (per view table) the projector keeps in memory between batches; PostgreSQL only.
+    projector_cache_rows: int = Field(default=50_000, ge=0)
+    # Allocations between young garbage collections in server processes (Python's default
+    # is 700); 0 keeps the default. See services/cli.py.
+    gc_threshold: int = Field(default=50_000, ge=0)
 
     # Operations: how often each consumer reports its lag (nbv_consumer_lag_records).
     consumer_lag_interval_s: float = Field(default=10.0, gt=0)
 
     # HTTP: the largest request body accepted; bigger ones get 413 before being buffered.
     max_body_bytes: int = Field(default=1_048_576, ge=1_024)
+
+    # Access (docs/security.md). The bootstrap admin key: every scope and no rate limit, for
+    # first use, deployments and tests; empty: only keys made by `nbv keys create` open the API.
+    admin_key: SecretStr = SecretStr("")
+    # The key NBV's own HTTP clients send (`nbv ingest --url`, `nbv simulate`); empty: admin_key.
+    api_key: SecretStr = SecretStr("")
+    # How long a key lookup is cached in each process: a revoked key still works that long.
+    key_cache_ttl_s: float = Field(default=5.0, gt=0, le=300)
+    # Each key's token bucket, per process; a key's own rate_limit replaces the rate (with a
+    # burst of twice that). 0: keys without their own limit are not limited.
+    rate_limit_per_s: float = Field(default=100.0, ge=0)
+    rate_limit_burst: float = Field(default=200.0, ge=1)
+    # Origins whose pages may call the API (the widget's host app): a comma-separated list or
+    # a JSON array. Empty: no cross-origin calls.
+    cors_origins: Annotated[list[str], NoDecode] = []
+
+    # Privacy (docs/privacy.md). The key of the pseudonyms erased people keep in the decision
+    # log and the erasure ledger; empty means signing_secret. It must never change once used.
+    pseudonym_secret: SecretStr = SecretStr("")
+    # Raw events older than this are purged (events topic retention, embedded log, idempotency
+    # ledger); 0 keeps them forever.
+    raw_event_retention_days: int = Field(default=90, ge=0)
+    retention_purge_batch: int = Field(default=5_000, ge=1)
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_strength(cls, value: SecretStr) -> SecretStr:
+        if 0 < len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (`nbv keys generate` makes one)")
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        if isinstance(value, list):
+            return [str(o).strip().rstrip("/") for o in value if str(o).strip()]
+        return value
 
     @property
     def resolved_database_url(self) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from shared.settings import BusKind, Settings
-from tests.harness import fresh_database
+from tests.harness import TEST_ADMIN_KEY, fresh_database
 
 REQUIRE_INFRA = os.environ.get("NBV_REQUIRE_INFRA") == "1"
 
@@ -59,6 +59,7 @@ def embedded_settings(tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data",
         consumer_poll_ms=20,
         exploration_epsilon=0.0,
+        admin_key=TEST_ADMIN_KEY,
     )
 
 
@@ -74,4 +75,5 @@ def kafka_settings(
         data_dir=tmp_path / "data",
         consumer_poll_ms=50,
         exploration_epsilon=0.0,
+        admin_key=TEST_ADMIN_KEY,
     )

@@ -21,6 +21,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 T = TypeVar("T")
 NBV = [sys.executable, "-m", "services.cli"]
+# The bootstrap admin key (NBV_ADMIN_KEY) of every NBV the tests and benches start; it has
+# every scope and no rate limit. Not a secret: it only ever opens a test's own NBV.
+TEST_ADMIN_KEY = "nbv_sk_test-admin-key-for-tests-and-benches-only"
+
+
+def auth_headers(key: str = TEST_ADMIN_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 def free_port() -> int:
@@ -34,7 +41,13 @@ class ServiceProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{name}.log"
-        full_env = {**os.environ, **env, "NBV_PORT": str(self.port), "NBV_HOST": "127.0.0.1"}
+        full_env = {
+            **os.environ,
+            "NBV_ADMIN_KEY": TEST_ADMIN_KEY,
+            **env,
+            "NBV_PORT": str(self.port),
+            "NBV_HOST": "127.0.0.1",
+        }
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [*NBV, *args], env=full_env, stdout=self._log, stderr=subprocess.STDOUT

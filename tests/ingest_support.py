@@ -13,7 +13,7 @@ from services.ingest.service import IngestService
 from shared.http import create_app
 from shared.runtime import Runtime
 from shared.settings import Settings
-from tests.harness import eventually
+from tests.harness import auth_headers, eventually
 
 
 @dataclass
@@ -44,5 +44,7 @@ async def ingest(settings: Settings) -> AsyncIterator[Ingest]:
     app = create_app(rt, [lambda _: service])
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://nbv") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://nbv", headers=auth_headers()
+        ) as http:
             yield Ingest(http, service, rt)

@@ -1,9 +1,17 @@
 """Drive a running NBV through its public HTTP APIs with the simulated world.
 
-Each simulated week: billing, support, survey and CRM events, then each active person's
-sessions; every session posts its product events, asks ``GET /v1/next-best-value`` for a card,
-and reports what the person did with it (``POST /v1/responses``). The person's response is drawn
-from the world's hidden response model; a completion also emits the element's achieved event.
+Each simulated week: billing, CRM (champions leaving, new seats, new customers), support and
+survey events, then day by day each active person's sessions. A session posts its product
+events, asks ``GET /v1/next-best-value`` for the in-app list, looks at the person's inbox for the
+cards still open there (snoozed ones that came back, ones a playbook put there, ones clicked but
+not finished), and reports what the person did with each card they looked at
+(``POST /v1/responses``). The person's response is drawn from the world's hidden response model;
+a completion also emits the element's achieved event.
+
+Time: ``clock`` is the simulation's. With a ``SharedClock`` (the lift bench) the NBV process runs
+on it and the simulator moves it one day at a time, so cool-downs, caps, snoozes, usage windows,
+triggers and playbook delays all work in simulated time. With the ``WallClock`` (``nbv simulate``
+against an NBV it did not start) the days of a week run back to back.
 """
 
 from __future__ import annotations
@@ -11,28 +19,36 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel
 
+from models.simulator.clock import Clock, WallClock
 from models.simulator.events import (
     Json,
     billing_events,
     champion_change,
     iso,
+    milestone_events,
+    new_hire,
     onboarding_events,
-    person_week_events,
+    person_week,
 )
 from models.simulator.world import (
+    PLANS,
     Account,
     Fit,
     Person,
     build_world,
+    daily_rest,
+    milestones_reached,
+    new_account,
     on_completed,
+    on_seen,
     respond_probabilities,
     weekly_drift,
 )
@@ -41,8 +57,13 @@ from services.decision.library import DEFAULT_LIBRARY, load_library
 Policy = Literal["api", "random"]
 MAX_BATCH = 500
 RANDOM_LIMIT = 20
-# How likely a person is to consider the card in each slot of the in-app list.
+# How likely a person is to consider the card in each slot of the in-app widget.
 ATTENTION = (1.0, 0.6, 0.4)
+# Sessions start at this hour of each simulated day (outside the default quiet hours).
+DAY_STARTS = timedelta(hours=9)
+# New customers signing per week, as a share of the initial number of accounts.
+NEW_ACCOUNTS_PER_WEEK = 0.04
+CHAMPION_CHANGE_PER_WEEK = 0.03
 
 
 class WeekSummary(BaseModel):
@@ -58,6 +79,7 @@ class WeekSummary(BaseModel):
     retained_accounts: float
     mean_satisfaction: float
     model_versions: dict[str, int]
+    inbox_cards: int = 0  # older open cards the people looked at again
 
     @property
     def success_rate(self) -> float:
@@ -84,6 +106,7 @@ class _Tally:
     clicked: int = 0
     completed: int = 0
     dismissed: int = 0
+    inbox_cards: int = 0
     versions: dict[str, int] = field(default_factory=dict)
 
 
@@ -96,9 +119,16 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Card:
+    decision_id: str
+    element_id: str
+
+
+@dataclass(frozen=True)
 class Shown:
     """The first card of a session, as the logging policy chose it (for the random policy the
-    propensity is the simulator's own uniform choice); ``reward`` is 1 if it was completed."""
+    propensity is the simulator's own uniform choice); ``reward`` is 1 if it was completed, in
+    that session or later from the inbox (what the training export counts too)."""
 
     decision_id: str
     user_id: str
@@ -136,24 +166,45 @@ class Simulation:
         concurrency: int = 16,
         cards: int = 3,
         library: Path = DEFAULT_LIBRARY,
+        clock: Clock | None = None,
+        settle_s: float = 0.3,
     ) -> None:
         self.cards = cards
-        self._client = client
+        self.client = client
         self.seed = seed
         self.policy = policy
+        self.clock: Clock = clock or WallClock()
+        # After the clock moves, how long NBV's timers get to catch up (unsnoozes, sweeps).
+        self.settle_s = settle_s
         self.world: list[Account] = build_world(seed, accounts)
         self.fits, self.achieved_event = library_fits(library)
         self._sem = asyncio.Semaphore(concurrency)
         self.week = 0
-        self.shown: list[Shown] = []
-        self._initial_users = sum(len(a.people) for a in self.world)
+        self.start = self.clock.now()
+        self._shown: dict[str, Shown] = {}
+        self._reported: set[Card] = set()
+        self._initial_users = {p.user_id for a in self.world for p in a.people}
+        self._initial_accounts = len(self.world)
+        self._account = {a.account_id: a for a in self.world}
+        # Elements whose achieved event people can reach by themselves: (event, area, stage).
+        self.milestones = [
+            (event, fit.feature_area, fit.stage)
+            for element_id, fit in self.fits.items()
+            if (event := self.achieved_event.get(element_id)) and fit.feature_area
+        ]
+
+    @property
+    def shown(self) -> list[Shown]:
+        return list(self._shown.values())
 
     # ------------------------------------------------------------ HTTP
 
     async def _post_events(self, events: Sequence[Json]) -> None:
-        for i in range(0, len(events), MAX_BATCH):
-            r = await self._client.post(
-                "/v1/events/batch", json={"events": list(events[i : i + MAX_BATCH])}
+        now = iso(self.clock.now())
+        stamped = [e if "time" in e else {**e, "time": now} for e in events]
+        for i in range(0, len(stamped), MAX_BATCH):
+            r = await self.client.post(
+                "/v1/events/batch", json={"events": stamped[i : i + MAX_BATCH]}
             )
             r.raise_for_status()
 
@@ -164,19 +215,20 @@ class Simulation:
             "element_id": element_id,
             "outcome": outcome,
             "channel": "in_app",
+            "time": iso(self.clock.now()),
         }
         # Delivery puts the card in the inbox asynchronously; until then the API answers 404.
         for attempt in range(40):
-            r = await self._client.post("/v1/responses", json=body)
+            r = await self.client.post("/v1/responses", json=body)
             if r.status_code != 404:
                 r.raise_for_status()
                 return
             await asyncio.sleep(min(0.05 * (attempt + 1), 0.5))
         r.raise_for_status()
 
-    async def _decide(self, user_id: str, rng: random.Random) -> Decision | None:
-        limit = RANDOM_LIMIT if self.policy == "random" else self.cards
-        r = await self._client.get(
+    async def _decide(self, user_id: str, rng: random.Random, slots: int) -> Decision | None:
+        limit = RANDOM_LIMIT if self.policy == "random" else slots
+        r = await self.client.get(
             "/v1/next-best-value", params={"user_id": user_id, "limit": limit, "channel": "in_app"}
         )
         if r.status_code == 404:
@@ -188,7 +240,7 @@ class Simulation:
             return None
         decision_id = str(body["decision_id"])
         if self.policy == "random":
-            picked = rng.sample(range(len(items)), min(self.cards, len(items)))
+            picked = rng.sample(range(len(items)), min(slots, len(items)))
             cards = [str(items[i]["element_id"]) for i in picked]
             # The first slot's probability under uniform sampling without replacement.
             propensity = 1.0 / len(items)
@@ -205,19 +257,29 @@ class Simulation:
             propensity = float(items[0]["propensity"])
         return Decision(decision_id, cards, propensity, str(body["model_version"]))
 
+    async def _open_cards(self, user_id: str) -> list[Card]:
+        """The cards open in the person's inbox, newest first (as the widget lists them). The
+        client-side random policy leaves the inbox alone: its unpicked cards were never seen."""
+        if self.policy == "random":
+            return []
+        r = await self.client.get(f"/v1/users/{user_id}/inbox")
+        if r.status_code != 200:
+            return []
+        return [Card(str(c["decision_id"]), str(c["element_id"])) for c in r.json()["items"]]
+
     def _weeks_to_renewal(self, p: Person) -> int:
-        acct = next(a for a in self.world if a.account_id == p.account_id)
-        return acct.renewal_week - self.week
+        return self._account[p.account_id].renewal_week - self.week
 
     def _react(self, p: Person, cards: Sequence[str], rng: random.Random) -> list[str]:
-        """What the person does with each card: looks down the list (attention fades with
-        position), acts on at most one, may dismiss some, ignores the rest."""
-        outcomes = ["shown"] * len(cards)
+        """What the person does with the cards in view: looks down the list (attention fades
+        with position), acts on at most one (completes or starts it), may dismiss some or put
+        them off ("later": they come back tomorrow), and leaves the rest where they are."""
+        outcomes = ["ignored"] * len(cards)
         for slot, element_id in enumerate(cards):
             fit = self.fits.get(element_id)
             if fit is None:
                 continue
-            complete, clicked, dismissed = respond_probabilities(
+            complete, clicked, dismissed, later = respond_probabilities(
                 p, element_id, fit, self._weeks_to_renewal(p)
             )
             look = ATTENTION[min(slot, len(ATTENTION) - 1)]
@@ -230,34 +292,38 @@ class Simulation:
                 break
             if draw < look * (complete + clicked + dismissed):
                 outcomes[slot] = "dismissed"
+            elif draw < look * (complete + clicked + dismissed + later):
+                outcomes[slot] = "snoozed"
         return outcomes
 
-    async def _session(self, p: Person, events: list[Json], rng: random.Random, t: _Tally) -> None:
-        await self._post_events(events)
-        decided = await self._decide(p.user_id, rng)
+    async def _session(self, p: Person, rng: random.Random, t: _Tally) -> None:
+        """The person opens the product: the widget shows their open cards and asks NBV for
+        new ones to fill its free slots (new cards go on top)."""
         t.sessions += 1
-        if decided is None:
+        older = await self._open_cards(p.user_id)
+        free = self.cards - len(older)
+        decided = await self._decide(p.user_id, rng, free) if free > 0 else None
+        fresh = [Card(decided.decision_id, e) for e in decided.cards] if decided else []
+        if decided is not None:
+            t.decisions += 1
+            t.versions[decided.model_version] = t.versions.get(decided.model_version, 0) + 1
+        cards = (fresh + older)[: self.cards]
+        t.inbox_cards += len(cards) - len(fresh)
+        if not cards:
             t.empty += 1
             return
-        t.decisions += 1
-        t.versions[decided.model_version] = t.versions.get(decided.model_version, 0) + 1
-        outcomes = self._react(p, decided.cards, rng)
-        for element_id in decided.cards:
-            p.shown[element_id] = p.shown.get(element_id, 0) + 1
-        p.fatigue += 1.0
-        for element_id, outcome in zip(decided.cards, outcomes, strict=True):
-            await self._respond(p.user_id, decided.decision_id, element_id, "shown")
-            # An ignored card is put aside ("not now") rather than left open in the inbox,
-            # where it would block the element from being offered again.
-            await self._respond(
-                p.user_id,
-                decided.decision_id,
-                element_id,
-                "snoozed" if outcome == "shown" else outcome,
-            )
-            await self._apply(p, decided.decision_id, element_id, outcome, t)
-        self.shown.append(
-            Shown(
+        outcomes = self._react(p, [c.element_id for c in cards], rng)
+        for card in cards:
+            on_seen(p, card.element_id, self.fits.get(card.element_id), self._weeks_to_renewal(p))
+        for card, outcome in zip(cards, outcomes, strict=True):
+            if card not in self._reported:
+                self._reported.add(card)  # the widget reports a card shown once
+                await self._respond(p.user_id, card.decision_id, card.element_id, "shown")
+            if outcome != "ignored":
+                await self._respond(p.user_id, card.decision_id, card.element_id, outcome)
+            await self._apply(p, card, outcome, t)
+        if decided is not None:
+            self._shown[decided.decision_id] = Shown(
                 decided.decision_id,
                 p.user_id,
                 decided.cards[0],
@@ -265,25 +331,24 @@ class Simulation:
                 1.0 if outcomes[0] == "completed" else 0.0,
                 decided.model_version,
             )
-        )
 
-    async def _apply(
-        self, p: Person, decision_id: str, element_id: str, outcome: str, t: _Tally
-    ) -> None:
-        fit = self.fits.get(element_id)
+    async def _apply(self, p: Person, card: Card, outcome: str, t: _Tally) -> None:
+        fit = self.fits.get(card.element_id)
         if outcome == "completed" and fit is not None:
             t.completed += 1
-            p.completed.add(element_id)
+            p.completed.add(card.element_id)
             on_completed(p, fit)
-            achieved = self.achieved_event.get(element_id)
+            first = self._shown.get(card.decision_id)
+            if first is not None and first.element_id == card.element_id:
+                self._shown[card.decision_id] = replace(first, reward=1.0)
+            achieved = self.achieved_event.get(card.element_id)
             if achieved:
                 await self._post_events(
                     [
                         {
-                            "id": f"{decision_id}:{element_id}:achieved",
+                            "id": f"{card.decision_id}:{card.element_id}:achieved",
                             "source": "simulator",
                             "type": "product.track",
-                            "time": iso(datetime.now(UTC)),
                             "account_id": p.account_id,
                             "user_id": p.user_id,
                             "payload": {"event": achieved, "feature_area": fit.feature_area},
@@ -296,46 +361,92 @@ class Simulation:
             t.dismissed += 1
             p.satisfaction = max(-1.0, p.satisfaction - 0.02)
 
-    async def _person_week(self, p: Person, t: _Tally) -> None:
-        rng = random.Random(f"person:{self.seed}:{p.user_id}:{self.week}")
-        now = datetime.now(UTC)
-        events, sessions = person_week_events(p, self.seed, self.week, now, rng)
-        per_session = len(events) // sessions if sessions else 0
+    async def _person_day(self, p: Person, sessions: int, rng: random.Random, t: _Tally) -> None:
         async with self._sem:
-            for s in range(sessions):
-                chunk = events[s * per_session : (s + 1) * per_session]
-                if s == sessions - 1:
-                    chunk = events[s * per_session :]
-                await self._session(p, chunk, rng, t)
-            if sessions == 0 and events:
-                await self._post_events(events)
+            for _ in range(sessions):
+                await self._session(p, rng, t)
 
     async def setup(self) -> None:
-        now = datetime.now(UTC)
+        self.start = self.clock.now()
         events: list[Json] = []
         for acct in self.world:
-            events.extend(onboarding_events(acct, self.seed, now))
+            events.extend(onboarding_events(acct, self.seed, self.start, self.milestones))
         await self._post_events(events)
 
-    async def run_week(self) -> WeekSummary:
-        rng = random.Random(f"accounts:{self.seed}:{self.week}")
-        now = datetime.now(UTC)
+    def _day(self, day: int) -> datetime:
+        return self.start + timedelta(days=7 * self.week + day) + DAY_STARTS
+
+    def _grow(self, rng: random.Random, now: datetime) -> list[Json]:
+        """Who leaves, joins and signs this week (before the week's billing is sent)."""
         events: list[Json] = []
-        for acct in self.world:
+        for acct in list(self.world):
             if acct.churned:
                 continue
-            events.extend(billing_events(acct, self.seed, self.week, now, rng))
-            if rng.random() < 0.03:
+            if rng.random() < CHAMPION_CHANGE_PER_WEEK:
                 events.extend(champion_change(acct, self.seed, self.week, now, rng))
+            if rng.random() < PLANS[acct.plan]["hiring"]:
+                events.extend(new_hire(acct, self.seed, self.week, now, rng))
+        expected = NEW_ACCOUNTS_PER_WEEK * self._initial_accounts
+        for _ in range(int(expected) + (rng.random() < expected - int(expected))):
+            acct = new_account(rng, self.seed, len(self.world), 0, self.week + 52)
+            self.world.append(acct)
+            self._account[acct.account_id] = acct
+            events.extend(onboarding_events(acct, self.seed, now, self.milestones))
+        return events
+
+    async def run_week(self) -> WeekSummary:
+        await self._advance(self._day(0))
+        rng = random.Random(f"accounts:{self.seed}:{self.week}")
+        now = self.clock.now()
+        events = self._grow(rng, now)
+        for acct in self.world:
+            if not acct.churned:
+                events.extend(billing_events(acct, self.seed, self.week, now, rng))
+        people = [p for a in self.world if not a.churned for p in a.people if p.active]
+        plans = {
+            p.user_id: person_week(
+                p,
+                self.seed,
+                self.week,
+                random.Random(f"person:{self.seed}:{p.user_id}:{self.week}"),
+            )
+            for p in people
+        }
+        for p in people:
+            events.extend(plans[p.user_id].background)
+            reached = milestones_reached(rng, p, self.milestones)
+            events.extend(milestone_events(p, reached, f"sim{self.seed}-w{self.week}", None))
         await self._post_events(events)
 
         tally = _Tally()
-        people = [p for a in self.world if not a.churned for p in a.people if p.active]
-        await asyncio.gather(*(self._person_week(p, tally) for p in people))
+        reactions = {
+            p.user_id: random.Random(f"react:{self.seed}:{p.user_id}:{self.week}") for p in people
+        }
+        for day in range(7):
+            if day:
+                await self._advance(self._day(day))
+                for p in people:
+                    daily_rest(p)
+            # The day's product usage first (sessions then only read and answer cards).
+            today = {
+                p.user_id: [e for d, e in plans[p.user_id].sessions if d == day] for p in people
+            }
+            await self._post_events([e for sessions in today.values() for s in sessions for e in s])
+            await asyncio.gather(
+                *(
+                    self._person_day(p, len(today[p.user_id]), reactions[p.user_id], tally)
+                    for p in people
+                    if today[p.user_id]
+                )
+            )
         self._end_of_week(rng)
         summary = self._summary(tally, len(people))
         self.week += 1
         return summary
+
+    async def _advance(self, when: datetime) -> None:
+        if await self.clock.advance_to(when):
+            await asyncio.sleep(self.settle_s)
 
     def _end_of_week(self, rng: random.Random) -> None:
         for acct in self.world:
@@ -358,7 +469,8 @@ class Simulation:
 
     def _summary(self, t: _Tally, active_users: int) -> WeekSummary:
         people = [p for a in self.world for p in a.people]
-        live = [p for a in self.world if not a.churned for p in a.people if p.active]
+        live = {p.user_id for a in self.world if not a.churned for p in a.people if p.active}
+        initial = self.world[: self._initial_accounts]
         return WeekSummary(
             week=self.week,
             active_users=active_users,
@@ -368,10 +480,11 @@ class Simulation:
             clicked=t.clicked,
             completed=t.completed,
             dismissed=t.dismissed,
-            retained_users=len(live) / max(1, self._initial_users),
-            retained_accounts=sum(not a.churned for a in self.world) / max(1, len(self.world)),
+            retained_users=len(live & self._initial_users) / max(1, len(self._initial_users)),
+            retained_accounts=sum(not a.churned for a in initial) / max(1, len(initial)),
             mean_satisfaction=sum(p.satisfaction for p in people) / max(1, len(people)),
             model_versions=t.versions,
+            inbox_cards=t.inbox_cards,
         )
 
 
@@ -396,11 +509,19 @@ async def simulate(
     http_timeout_s: float = 30.0,
     on_week: Callable[[WeekSummary], None] | None = None,
     between_weeks: Callable[[int], Awaitable[None]] | None = None,
+    clock: Clock | None = None,
+    settle_s: float = 0.3,
+    api_key: str | None = None,
 ) -> tuple[list[WeekSummary], Simulation]:
     """Run ``weeks`` simulated weeks against the NBV at ``url``; ``between_weeks(w)`` runs after
-    week ``w`` (the lift bench retrains and promotes the ranker there)."""
+    week ``w`` (the lift bench retrains and promotes the ranker there). ``clock``: the NBV
+    process's, when it runs on a ``SharedClock`` (default: the wall clock). ``api_key``: sent
+    as ``Authorization: Bearer`` (it needs events:write, decisions:read and responses:write)."""
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=http_timeout_s, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(
+        base_url=url, timeout=http_timeout_s, limits=limits, headers=headers
+    ) as client:
         sim = Simulation(
             client,
             seed=seed,
@@ -408,16 +529,29 @@ async def simulate(
             policy=policy,
             concurrency=concurrency,
             cards=cards,
+            clock=clock,
+            settle_s=settle_s,
         )
-        await sim.setup()
-        async with asyncio.timeout(120):
-            await wait_projected(client, [sim.world[-1].people[-1].user_id])
-        summaries: list[WeekSummary] = []
-        for w in range(weeks):
-            summary = await sim.run_week()
-            summaries.append(summary)
-            if on_week is not None:
-                on_week(summary)
-            if between_weeks is not None and w < weeks - 1:
-                await between_weeks(w)
-        return summaries, sim
+        return await run(sim, weeks, on_week=on_week, between_weeks=between_weeks), sim
+
+
+async def run(
+    sim: Simulation,
+    weeks: int,
+    *,
+    on_week: Callable[[WeekSummary], None] | None = None,
+    between_weeks: Callable[[int], Awaitable[None]] | None = None,
+) -> list[WeekSummary]:
+    """Set the world up in NBV and run ``weeks`` simulated weeks of it."""
+    await sim.setup()
+    async with asyncio.timeout(120):
+        await wait_projected(sim.client, [sim.world[-1].people[-1].user_id])
+    summaries: list[WeekSummary] = []
+    for w in range(weeks):
+        summary = await sim.run_week()
+        summaries.append(summary)
+        if on_week is not None:
+            on_week(summary)
+        if between_weeks is not None and w < weeks - 1:
+            await between_weeks(w)
+    return summaries

@@ -1,20 +1,26 @@
-"""What the simulated world emits each week, as the JSON events the ingest API accepts.
+"""What the simulated world emits, as the JSON events the ingest API accepts.
 
 Event ids are derived from the seed, the week and the person, so a re-run (or a retried POST)
-sends the same ids and the system deduplicates them. Times are the wall clock when sent, except
-the first sighting of an account and its people, which is backdated to their simulated tenure so
-that the system's tenure features differ between old and new customers: the decision service
-decides "now", so compressing weeks into minutes keeps every other clock consistent with it.
+sends the same ids and the system deduplicates them. Events built without a time are stamped by
+the driver when it sends them (the simulation clock's "now"); the first sighting of an account,
+its people and their recent product usage is backdated to their simulated tenure, the way NBV
+installed on an existing product is backfilled (``nbv ingest``).
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from models.simulator.world import AREAS, RELEVANCE, Account, Person, new_person
+from models.features import AREAS
+from models.simulator.world import RELEVANCE, Account, Person, milestones_reached, new_person
+
+# How a person's sessions spread over the week, Monday first.
+WEEKDAYS = (1.0, 1.0, 1.0, 1.0, 0.9, 0.15, 0.1)
 
 # A few product events per area, as a real tracking plan would name them.
 AREA_EVENTS: dict[str, tuple[str, ...]] = {
@@ -36,16 +42,23 @@ def iso(t: datetime) -> str:
 
 
 def _event(
-    event_id: str, type_: str, account_id: str, payload: Json, *, user_id: str | None, at: datetime
+    event_id: str,
+    type_: str,
+    account_id: str,
+    payload: Json,
+    *,
+    user_id: str | None,
+    at: datetime | None = None,
 ) -> Json:
     out: Json = {
         "id": event_id,
         "source": "simulator",
         "type": type_,
-        "time": iso(at),
         "account_id": account_id,
         "payload": payload,
     }
+    if at is not None:
+        out["time"] = iso(at)
     if user_id is not None:
         out["user_id"] = user_id
     return out
@@ -61,7 +74,9 @@ def _poisson(rng: random.Random, mean: float) -> int:
         k += 1
 
 
-def onboarding_events(acct: Account, seed: int, now: datetime) -> list[Json]:
+def onboarding_events(
+    acct: Account, seed: int, now: datetime, milestones: Sequence[tuple[str, str, str]] = ()
+) -> list[Json]:
     """The account and its people as the system first sees them (backdated to their tenure)."""
     since = now - timedelta(weeks=acct.age_weeks)
     events = [
@@ -74,8 +89,10 @@ def onboarding_events(acct: Account, seed: int, now: datetime) -> list[Json]:
             at=since,
         )
     ]
+    rng = random.Random(f"backfill:{seed}:{acct.account_id}")
     for p in acct.people:
         events.extend(person_joined(p, seed, now, "join"))
+        events.extend(usage_backfill(p, seed, now, rng, milestones))
     return events
 
 
@@ -145,69 +162,141 @@ def billing_events(
     return events
 
 
-def person_week_events(
-    p: Person, seed: int, week: int, now: datetime, rng: random.Random
-) -> tuple[list[Json], int]:
-    """Background activity of one person for one week, and how many sessions they will have
-    (each session asks NBV for a card)."""
-    events: list[Json] = []
-    sessions = _poisson(rng, p.activity * (1.0 + 0.4 * p.satisfaction))
-    weights = [RELEVANCE[p.role].get(a, 0.05) * (0.15 + p.sophistication[a]) for a in AREAS]
-    for s in range(sessions):
-        for n in range(rng.randint(2, 6)):
-            area = rng.choices(AREAS, weights=weights)[0]
-            events.append(
+@dataclass(frozen=True)
+class WeekPlan:
+    """One person's week: what the world sends about them at its start (support, surveys),
+    and their sessions in the product, each on a day of the week with its product events."""
+
+    background: list[Json]
+    sessions: list[tuple[int, list[Json]]]
+
+
+def _usage_weights(p: Person) -> list[float]:
+    # People use what their job needs, the more so the better they are at it; a project under
+    # way sends them into its area, struggling or not.
+    return [
+        RELEVANCE[p.role].get(a, 0.03) * (0.15 + p.sophistication[a])
+        + (0.6 if a in p.projects else 0.0)
+        for a in AREAS
+    ]
+
+
+def _track(event_id: str, p: Person, area: str, rng: random.Random, at: datetime | None) -> Json:
+    return _event(
+        event_id,
+        "product.track",
+        p.account_id,
+        {"event": rng.choice(AREA_EVENTS[area]), "feature_area": area},
+        user_id=p.user_id,
+        at=at,
+    )
+
+
+def milestone_events(p: Person, events: Sequence[str], tag: str, at: datetime | None) -> list[Json]:
+    """Product milestones the person reached by themselves (the events that mark elements
+    achieved, e.g. ``project_created``)."""
+    return [
+        _event(
+            f"{p.user_id}-{tag}-{event}",
+            "product.track",
+            p.account_id,
+            {"event": event},
+            user_id=p.user_id,
+            at=at,
+        )
+        for event in events
+    ]
+
+
+def usage_backfill(
+    p: Person,
+    seed: int,
+    now: datetime,
+    rng: random.Random,
+    milestones: Sequence[tuple[str, str, str]] = (),
+) -> list[Json]:
+    """The product usage of the last weeks before NBV was installed, backdated, with the
+    milestones the person had reached by then."""
+    weeks = min(p.tenure_weeks, 4)
+    weights = _usage_weights(p)
+    count = _poisson(rng, p.activity * weeks * 4.0)
+    reached = milestones_reached(rng, p, milestones) if p.tenure_weeks >= 2 else []
+    since = now - timedelta(weeks=p.tenure_weeks)
+    return milestone_events(p, reached, f"sim{seed}-backfill", since + (now - since) / 2) + [
+        _track(
+            f"sim{seed}-{p.user_id}-backfill-e{n}",
+            p,
+            rng.choices(AREAS, weights=weights)[0],
+            rng,
+            now - timedelta(days=rng.uniform(1.0, 7.0 * weeks)),
+        )
+        for n in range(count)
+    ]
+
+
+def person_week(p: Person, seed: int, week: int, rng: random.Random) -> WeekPlan:
+    sessions: list[tuple[int, list[Json]]] = []
+    weights = _usage_weights(p)
+    for s in range(_poisson(rng, p.activity * (1.0 + 0.4 * p.satisfaction))):
+        day = rng.choices(range(7), weights=WEEKDAYS)[0]
+        events = [
+            _track(
+                f"sim{seed}-{p.user_id}-w{week}-s{s}-e{n}",
+                p,
+                rng.choices(AREAS, weights=weights)[0],
+                rng,
+                None,
+            )
+            for n in range(rng.randint(2, 6))
+        ]
+        sessions.append((day, events))
+    sessions.sort(key=lambda s: s[0])
+    background: list[Json] = []
+    # Last weeks' tickets get solved; struggling where the job needs it opens new ones.
+    for ticket in list(p.tickets):
+        if rng.random() < 0.6:
+            p.tickets.remove(ticket)
+            background.append(
                 _event(
-                    f"sim{seed}-{p.user_id}-w{week}-s{s}-e{n}",
-                    "product.track",
+                    f"sim{seed}-{p.user_id}-w{week}-solved-{ticket}",
+                    "support.ticket_solved",
                     p.account_id,
-                    {"event": rng.choice(AREA_EVENTS[area]), "feature_area": area},
+                    {"ticket_id": ticket},
                     user_id=p.user_id,
-                    at=now,
                 )
             )
-    # Struggling in an area the job needs: a support ticket about it.
-    area = max(AREAS, key=lambda a: p.need[a])
-    if rng.random() < 0.25 * p.need[area]:
-        events.append(
-            _event(
-                f"sim{seed}-{p.user_id}-w{week}-ticket",
-                "support.ticket_opened",
-                p.account_id,
-                {
-                    "ticket_id": f"t-{p.user_id}-{week}",
-                    "priority": "high" if p.need[area] > 0.7 else "normal",
-                    "feature_area": area,
-                },
-                user_id=p.user_id,
-                at=now,
+    for area in AREAS:
+        chance = 0.1 * p.need[area] * RELEVANCE[p.role].get(area, 0.0)
+        if area in p.projects:
+            chance += 0.5
+        if rng.random() < chance:
+            ticket = f"t-{p.user_id}-{week}-{area}"
+            p.tickets.append(ticket)
+            background.append(
+                _event(
+                    f"sim{seed}-{p.user_id}-w{week}-ticket-{area}",
+                    "support.ticket_opened",
+                    p.account_id,
+                    {
+                        "ticket_id": ticket,
+                        "priority": "high" if p.need[area] > 0.7 else "normal",
+                        "feature_area": area,
+                    },
+                    user_id=p.user_id,
+                )
             )
-        )
-    if rng.random() < 0.5:
-        # Last week's ticket (if any) gets solved: ids that were never opened are harmless.
-        events.append(
-            _event(
-                f"sim{seed}-{p.user_id}-w{week}-solved",
-                "support.ticket_solved",
-                p.account_id,
-                {"ticket_id": f"t-{p.user_id}-{week - 1}"},
-                user_id=p.user_id,
-                at=now,
-            )
-        )
     if rng.random() < 0.08:
         score = int(max(0, min(10, round(7.5 + 3.5 * p.satisfaction + rng.gauss(0, 1.2)))))
-        events.append(
+        background.append(
             _event(
                 f"sim{seed}-{p.user_id}-w{week}-nps",
                 "survey.nps",
                 p.account_id,
                 {"score": score},
                 user_id=p.user_id,
-                at=now,
             )
         )
-    return events, sessions
+    return WeekPlan(background, sessions)
 
 
 def champion_change(
@@ -231,3 +320,13 @@ def champion_change(
         )
     ]
     return events + person_joined(new, seed, now, f"w{week}")
+
+
+def new_hire(acct: Account, seed: int, week: int, now: datetime, rng: random.Random) -> list[Json]:
+    """The account adds a seat: someone new, with everything still to learn."""
+    acct.hired += 1
+    role = "admin" if rng.random() < 0.1 else "end_user"
+    user_id = f"{acct.account_id}-w{week}-hire{acct.hired}"
+    person = new_person(rng, user_id, acct.account_id, role, 0)
+    acct.people.append(person)
+    return person_joined(person, seed, now, f"w{week}")

@@ -1,30 +1,29 @@
-"""A synthetic B2B SaaS world: accounts, people, their latent needs, and what they do each week.
+"""A synthetic B2B SaaS world: accounts, people, their latent needs, and how they respond.
 
 Everything here is ground truth the real system never sees directly: it only sees the events
-this world emits (product usage, support, billing, surveys, CRM changes). All randomness comes
-from one seeded ``random.Random`` per concern, so the same seed yields the same world and the
-same event ids whichever policy is being tested (common random numbers for a fair comparison).
+this world emits (product usage by feature area, support tickets, billing, surveys, CRM
+changes) and the responses people report. All randomness comes from seeded ``random.Random``
+instances, one per concern, so the same seed yields the same world and the same event ids
+whichever policy is being tested (common random numbers for a fair comparison).
+
+What drives a response (``respond_probabilities``) is the hidden fit of an element to the
+person *now*: their need in the element's feature area (how much the area matters to their job
+× how far they are from mastering it, plus the projects they are in the middle of), the fit with
+their true lifecycle stage and role, the effort against their skill, and their taste for the
+kind of help; damped by fatigue (cards seen in the last days), by seeing the very same card
+again, and by a preference for e-mail over in-app. Needs move: people learn by doing and by
+completing elements, forget a little, start projects in new areas, and new people join.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.features import KINDS
-
-AREAS = (
-    "core",
-    "integrations",
-    "automation",
-    "reporting",
-    "admin",
-    "api",
-    "collaboration",
-    "billing",
-)
+from models.features import AREAS, KINDS
 
 # How much each role cares about each area: needs are only real where the job is.
 RELEVANCE: dict[str, dict[str, float]] = {
@@ -39,7 +38,7 @@ RELEVANCE: dict[str, dict[str, float]] = {
     },
     "economic_buyer": {"reporting": 1.0, "billing": 0.9, "admin": 0.3},
 }
-# Which kinds of help each role tends to take up (the part a learner can pick up from role).
+# Which kinds of help each role tends to take up.
 KIND_TASTE: dict[str, dict[str, float]] = {
     "end_user": {"video": 1.4, "walkthrough": 1.3, "quiz": 0.9, "guide": 0.6, "webinar": 0.5},
     "admin": {"guide": 1.4, "walkthrough": 0.9, "video": 0.6, "webinar": 0.8, "workbook": 0.6},
@@ -48,10 +47,31 @@ KIND_TASTE: dict[str, dict[str, float]] = {
 }
 
 PLANS: dict[str, dict[str, Any]] = {
-    "starter": {"mrr": (200.0, 900.0), "users": (2, 4), "share": 0.5},
-    "growth": {"mrr": (1_500.0, 6_000.0), "users": (4, 8), "share": 0.35},
-    "enterprise": {"mrr": (10_000.0, 40_000.0), "users": (8, 14), "share": 0.15},
+    "starter": {"mrr": (200.0, 900.0), "users": (2, 4), "share": 0.5, "hiring": 0.03},
+    "growth": {"mrr": (1_500.0, 6_000.0), "users": (4, 8), "share": 0.35, "hiring": 0.08},
+    "enterprise": {"mrr": (10_000.0, 40_000.0), "users": (8, 14), "share": 0.15, "hiring": 0.2},
 }
+# What a person needs at a given time is mostly what they are working on: projects start in
+# the areas their job uses, last a few weeks, and make the area's need jump (they struggle with
+# it, use it more, ask support about it). The rest is a background need where they are weak.
+PROJECT_RATE = 0.35
+PROJECT_END = 0.25  # weekly chance a project ends on its own
+MAX_PROJECTS = 2
+PROJECT_NEED = 0.7
+BACKGROUND_NEED = 0.2
+# People differ in what kind of help they take up (lognormal spread around their role's taste).
+TASTE_SPREAD = 0.45
+# How readily people put off a card that is for them but not needed now ("later").
+LATER = 0.4
+# Cards of no use to the person now (utility below USELESS) cost some of their trust in the
+# cards; a completed one gives some back.
+USELESS = 0.08
+TRUST_LOST = 0.93
+TRUST_REGAINED = 0.1
+# Product milestones people reach by themselves once good enough in the area, by stage.
+MILESTONE_SKILL = {"onboard": 0.45, "engage": 0.7, "grow": 0.9}
+# Share of fatigue left after a day without cards.
+FATIGUE_KEPT_PER_DAY = 0.7
 
 
 @dataclass
@@ -66,10 +86,14 @@ class Person:
     activity: float  # mean sessions per week
     tenure_weeks: int
     satisfaction: float = 0.0
-    fatigue: float = 0.0
+    fatigue: float = 0.0  # cards seen lately, fading day by day
+    trust: float = 1.0  # how much attention they still give the cards at all
     active: bool = True
     shown: dict[str, int] = field(default_factory=dict)
     completed: set[str] = field(default_factory=set)
+    projects: set[str] = field(default_factory=set)  # areas of the projects under way
+    milestones: set[str] = field(default_factory=set)  # product milestones reached
+    tickets: list[str] = field(default_factory=list)  # open support tickets
 
     def true_stage(self, weeks_to_renewal: int) -> str:
         if 0 <= weeks_to_renewal <= 8:
@@ -96,6 +120,7 @@ class Account:
     churned: bool = False
     renewed: int = 0
     tickets: int = 0
+    hired: int = 0
 
 
 def _clip(x: float, lo: float = 0.0, hi: float = 1.0) -> float:
@@ -107,49 +132,73 @@ def need_of(role: str, sophistication: float, area: str) -> float:
     return RELEVANCE[role].get(area, 0.1) * (1.0 - sophistication)
 
 
+def background_need(p: Person, area: str) -> float:
+    return BACKGROUND_NEED * need_of(p.role, p.sophistication[area], area)
+
+
+def start_project(rng: random.Random, p: Person) -> None:
+    areas = [a for a in RELEVANCE[p.role] if a not in p.projects]
+    if not areas or len(p.projects) >= MAX_PROJECTS:
+        return
+    area = rng.choices(areas, weights=[RELEVANCE[p.role][a] for a in areas])[0]
+    p.projects.add(area)
+    p.need[area] = _clip(max(p.need[area], background_need(p, area)) + PROJECT_NEED)
+
+
 def new_person(rng: random.Random, user_id: str, account_id: str, role: str, tenure: int) -> Person:
-    base = _clip(rng.gauss(0.15 + 0.03 * min(tenure, 20), 0.12), 0.0, 0.9)
-    soph = {a: _clip(base + rng.gauss(0, 0.15)) for a in AREAS}
-    taste = {k: KIND_TASTE[role].get(k, 0.5) * rng.uniform(0.8, 1.25) for k in KINDS}
-    return Person(
+    # Skill grows with time in the areas the job uses; elsewhere people stay beginners.
+    aptitude = rng.gauss(1.0, 0.3)
+    soph = {
+        a: _clip(
+            rng.gauss(0.1, 0.08) + aptitude * 0.025 * min(tenure, 24) * RELEVANCE[role].get(a, 0.1)
+        )
+        for a in AREAS
+    }
+    taste = {k: KIND_TASTE[role].get(k, 0.5) * rng.lognormvariate(0.0, TASTE_SPREAD) for k in KINDS}
+    p = Person(
         user_id=user_id,
         account_id=account_id,
         role=role,
         sophistication=soph,
-        need={a: need_of(role, soph[a], a) for a in AREAS},
+        need={a: BACKGROUND_NEED * need_of(role, soph[a], a) for a in AREAS},
         kind_taste=taste,
         prefers_in_app=rng.random() < (0.75 if role in ("end_user", "champion") else 0.45),
         activity=rng.uniform(1.0, 4.0) if role != "economic_buyer" else rng.uniform(0.4, 1.5),
         tenure_weeks=tenure,
     )
+    # Someone new is onboarding onto the product: that is their project.
+    if tenure < 4 or rng.random() < PROJECT_RATE:
+        start_project(rng, p)
+    return p
+
+
+def new_account(rng: random.Random, seed: int, index: int, age: int, renewal_week: int) -> Account:
+    plans = list(PLANS)
+    plan = rng.choices(plans, weights=[PLANS[p]["share"] for p in plans])[0]
+    lo, hi = PLANS[plan]["users"]
+    account_id = f"sim-{seed}-acct-{index:04d}"
+    people: list[Person] = []
+    roles = ["champion", "admin", "economic_buyer"] + ["end_user"] * (rng.randint(lo, hi) - 1)
+    for j, role in enumerate(roles):
+        tenure = max(0, age - rng.randint(0, min(age, 20)))
+        people.append(new_person(rng, f"{account_id}-u{j:03d}", account_id, role, tenure))
+    return Account(
+        account_id=account_id,
+        name=f"Simulated Co {index}",
+        plan=plan,
+        mrr=round(rng.uniform(*PLANS[plan]["mrr"]), 2),
+        age_weeks=age,
+        renewal_week=renewal_week,
+        people=people,
+    )
 
 
 def build_world(seed: int, n_accounts: int) -> list[Account]:
     rng = random.Random(f"world:{seed}")
-    accounts: list[Account] = []
-    plans = list(PLANS)
-    for i in range(n_accounts):
-        plan = rng.choices(plans, weights=[PLANS[p]["share"] for p in plans])[0]
-        lo, hi = PLANS[plan]["users"]
-        account_id = f"sim-{seed}-acct-{i:04d}"
-        age = rng.randint(0, 60)
-        people: list[Person] = []
-        roles = ["champion", "admin", "economic_buyer"] + ["end_user"] * (rng.randint(lo, hi) - 1)
-        for j, role in enumerate(roles):
-            tenure = max(0, age - rng.randint(0, min(age, 20)))
-            people.append(new_person(rng, f"{account_id}-u{j:03d}", account_id, role, tenure))
-        accounts.append(
-            Account(
-                account_id=account_id,
-                name=f"Simulated Co {i}",
-                plan=plan,
-                mrr=round(rng.uniform(*PLANS[plan]["mrr"]), 2),
-                age_weeks=age,
-                renewal_week=rng.randint(2, 30),
-                people=people,
-            )
-        )
-    return accounts
+    return [
+        new_account(rng, seed, i, age=rng.randint(0, 40), renewal_week=rng.randint(2, 30))
+        for i in range(n_accounts)
+    ]
 
 
 @dataclass(frozen=True)
@@ -164,10 +213,26 @@ class Fit:
     value_weight: float
 
 
+def _area(p: Person, el: Fit) -> str:
+    """The area an element works on; one without an area meets the person's biggest need."""
+    if el.feature_area in p.need:
+        return el.feature_area
+    return max(AREAS, key=lambda a: p.need[a])
+
+
+def relevance(p: Person, el: Fit) -> float:
+    """How much the element is for this person at all (whatever they need now), in [0, 1]."""
+    role_fit = 1.0 if not el.roles or p.role in el.roles else 0.3
+    area = RELEVANCE[p.role].get(el.feature_area, 0.05) if el.feature_area else 0.5
+    return role_fit * area
+
+
 def utility(p: Person, el: Fit, weeks_to_renewal: int) -> float:
     """How much this element helps this person right now, in [0, ~1.5]: the hidden truth."""
-    area = el.feature_area or "core"
+    area = _area(p, el)
     need = p.need[area]
+    if el.feature_area is None:
+        need *= 0.6  # generic help fits a need less well than help made for it
     stage_fit = 1.0 if el.stage == p.true_stage(weeks_to_renewal) else 0.55
     role_fit = 1.0 if not el.roles or p.role in el.roles else 0.3
     # Beginners only finish short things; experts tolerate effort but gain little from basics.
@@ -179,35 +244,82 @@ def utility(p: Person, el: Fit, weeks_to_renewal: int) -> float:
 
 def respond_probabilities(
     p: Person, element_id: str, el: Fit, weeks_to_renewal: int
-) -> tuple[float, float, float]:
-    """(P(completed), P(clicked only), P(dismissed)); the rest is 'shown' and ignored."""
+) -> tuple[float, float, float, float]:
+    """(P(completed), P(clicked only), P(dismissed), P(put off until later)) of a card the
+    person looks at; the rest of the time they let it be."""
     u = utility(p, el, weeks_to_renewal)
+    seen = p.shown.get(element_id, 0)
     fatigue = 1.0 / (1.0 + 0.12 * p.fatigue)
-    repeat = 0.6 ** p.shown.get(element_id, 0)
+    repeat = 0.6**seen
     channel = 1.0 if p.prefers_in_app else 0.65
-    engaged = _clip((0.08 + 0.9 * u) * fatigue * repeat * channel, 0.0, 0.95)
-    complete = engaged * _clip(0.25 + 0.7 * u, 0.0, 0.9)
+    engaged = _clip((0.03 + 0.9 * u) * fatigue * repeat * channel * p.trust, 0.0, 0.95)
+    complete = engaged * _clip(0.2 + 0.8 * u, 0.0, 0.9)
     clicked = engaged - complete
-    # In-app cards are mostly ignored rather than dismissed (dismissal is permanent here).
-    dismissed = _clip((1 - engaged) * (0.02 + 0.1 * (1 - min(u, 1.0)) + 0.01 * p.fatigue), 0, 0.4)
-    return complete, clicked, dismissed
+    # People dismiss what is not for them (an area their job does not use, another role's
+    # task), for good; what is for them but not now they leave or put off, until they have
+    # seen it too often.
+    dismissed = (1 - engaged) * _clip(0.03 + 0.35 * (1.0 - relevance(p, el)) + 0.05 * seen, 0, 0.7)
+    later = (1 - engaged - dismissed) * LATER * relevance(p, el)
+    return complete, clicked, dismissed, later
+
+
+def on_seen(p: Person, element_id: str, el: Fit | None = None, weeks_to_renewal: int = 99) -> None:
+    """The person looked at the card. A card seen for the first time adds to fatigue; one that
+    is of no use to them now also teaches them to skip the cards (trust regrows with useful
+    ones)."""
+    if element_id not in p.shown:
+        p.fatigue += 1.0
+        if el is not None and utility(p, el, weeks_to_renewal) < USELESS:
+            p.trust *= TRUST_LOST
+    p.shown[element_id] = p.shown.get(element_id, 0) + 1
 
 
 def on_completed(p: Person, el: Fit) -> None:
-    area = el.feature_area or "core"
-    p.sophistication[area] = _clip(p.sophistication[area] + 0.35 * (1 - p.sophistication[area]))
-    p.need[area] = need_of(p.role, p.sophistication[area], area) * 0.7
+    area = _area(p, el)
+    p.sophistication[area] = _clip(p.sophistication[area] + 0.3 * (1 - p.sophistication[area]))
+    p.need[area] *= 0.4  # the help met most of the need
+    p.projects.discard(area)  # and unblocked the project
     p.satisfaction = _clip(p.satisfaction + 0.15 * el.value_weight, -1.0, 1.0)
+    p.trust = min(1.0, p.trust + TRUST_REGAINED)
+
+
+def daily_rest(p: Person) -> None:
+    p.fatigue *= FATIGUE_KEPT_PER_DAY
 
 
 def weekly_drift(rng: random.Random, p: Person) -> None:
-    """Needs move: people learn by doing, forget, and new needs appear."""
+    """Needs move: people learn by doing, forget a little, finish projects and start new ones."""
     p.tenure_weeks += 1
-    p.fatigue *= 0.5
     for a in AREAS:
-        s = _clip(p.sophistication[a] + rng.gauss(0.01, 0.03))
-        p.sophistication[a] = s
-        shock = 0.3 if rng.random() < 0.04 else 0.0  # a new project, a new feature released
-        p.need[a] = _clip(0.7 * p.need[a] + 0.3 * need_of(p.role, s, a) + shock)
+        # Practice in the areas the job uses; a little forgetting elsewhere.
+        practice = 0.02 * RELEVANCE[p.role].get(a, 0.0) + (0.04 if a in p.projects else 0.0)
+        p.sophistication[a] = _clip(p.sophistication[a] + practice + rng.gauss(-0.005, 0.02))
+    for area in sorted(p.projects):
+        if rng.random() < PROJECT_END:
+            p.projects.discard(area)
+    for a in AREAS:
+        floor = background_need(p, a)
+        if a in p.projects:
+            p.need[a] = _clip(max(0.8 * p.need[a], floor + 0.5 * PROJECT_NEED))
+        else:
+            p.need[a] = _clip(floor + 0.4 * max(0.0, p.need[a] - floor))
+    if rng.random() < PROJECT_RATE:
+        start_project(rng, p)
     unmet = sum(p.need.values()) / len(AREAS)
-    p.satisfaction = _clip(p.satisfaction - 0.12 * (unmet - 0.2) - 0.01 * p.fatigue, -1.0, 1.0)
+    p.satisfaction = _clip(p.satisfaction - 0.12 * (unmet - 0.15) - 0.01 * p.fatigue, -1.0, 1.0)
+
+
+def milestones_reached(
+    rng: random.Random, p: Person, milestones: Sequence[tuple[str, str, str]]
+) -> list[str]:
+    """The product milestones (achieved events of elements: event, area, stage) the person
+    reaches by themselves now that they are good enough in the area."""
+    reached: list[str] = []
+    for event, area, stage in milestones:
+        skill = MILESTONE_SKILL.get(stage)
+        if event in p.milestones or skill is None:
+            continue
+        if p.sophistication.get(area, 0.0) > skill + rng.gauss(0.0, 0.1):
+            p.milestones.add(event)
+            reached.append(event)
+    return reached

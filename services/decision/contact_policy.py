@@ -16,14 +16,26 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import String, bindparam, cast, func, literal, null, select, union_all
+from sqlalchemy import (
+    JSON,
+    String,
+    bindparam,
+    cast,
+    func,
+    literal,
+    literal_column,
+    null,
+    select,
+    type_coerce,
+    union_all,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.decision.library import ValueElement
 from shared.contracts import HELD_CARD_STATUSES
 from shared.envelope import Channel
 from shared.settings import Settings
-from shared.store.models import ChannelPreference, Contact, Delivery, InboxItem
+from shared.store.models import Contact, Delivery, InboxItem
 
 # Channels that reach a person without them asking (in-app cards wait until they look).
 PUSH_CHANNELS = frozenset({Channel.EMAIL, Channel.CSM})
@@ -218,69 +230,95 @@ def history_horizon(elements: Iterable[ValueElement]) -> timedelta:
     return timedelta(days=min(365, max(7, longest)))
 
 
-def _history_statement() -> Any:
+def history_entries(dialect: str) -> Any:
+    """The person's contact history as one JSON column, for the statement that reads the
+    person (services/decision/person.py), so the policy costs no round trip of its own:
+    ``[[kind, element_id, channel, at], …]`` with kind "c" for a recent offer and "o" for an
+    open card or delivery (channel and time null). Binds ``user_id`` and ``since``."""
     no_channel = cast(null(), String)
     no_time = cast(null(), Contact.at.type)
     user: Any = bindparam("user_id")
-    return union_all(
-        select(literal("c"), Contact.element_id, Contact.channel, Contact.at).where(
-            Contact.user_id == user, Contact.at > bindparam("since", type_=Contact.at.type)
-        ),
+    entries = union_all(
+        select(
+            literal("c").label("kind"),
+            Contact.element_id.label("element_id"),
+            Contact.channel.label("channel"),
+            Contact.at.label("at"),
+        ).where(Contact.user_id == user, Contact.at > bindparam("since", type_=Contact.at.type)),
         select(literal("o"), InboxItem.element_id, no_channel, no_time).where(
-            InboxItem.user_id == user, InboxItem.status.in_(HELD_CARD_STATUSES)
+            InboxItem.user_id == user, InboxItem.status.in_(_constants(HELD_CARD_STATUSES))
         ),
         select(literal("o"), Delivery.element_id, no_channel, no_time).where(
-            Delivery.user_id == user, Delivery.status.in_(OPEN_DELIVERY_STATUSES)
+            Delivery.user_id == user, Delivery.status.in_(_constants(OPEN_DELIVERY_STATUSES))
         ),
+    ).subquery("history")
+    row = (entries.c.kind, entries.c.element_id, entries.c.channel, entries.c.at)
+    if dialect == "postgresql":
+        aggregate = func.json_agg(func.json_build_array(*row))
+    else:
+        aggregate = func.json_group_array(func.json_array(*row))
+    # type_coerce, not CAST: SQLite would turn CAST(… AS JSON) into a number.
+    return type_coerce(select(aggregate).scalar_subquery(), JSON)
+
+
+def _constants(values: Sequence[str]) -> list[Any]:
+    # Rendered into the SQL once, not expanded into bound parameters on every execution.
+    return [literal_column("'" + v.replace("'", "''") + "'") for v in values]
+
+
+def parse_history(entries: Sequence[Sequence[Any]] | None) -> tuple[list[Offer], set[str]]:
+    """The offers and the open elements from ``history_entries``' column."""
+    offers: list[Offer] = []
+    open_elements: set[str] = set()
+    for kind, element_id, channel, at in entries or ():
+        if kind == "c":
+            offers.append(Offer(element_id, channel, _utc(at)))
+        else:
+            open_elements.add(element_id)
+    return offers, open_elements
+
+
+def _utc(value: str) -> datetime:
+    # PostgreSQL writes the offset of the session's time zone; SQLite keeps the naive UTC text.
+    parsed = datetime.fromisoformat(value)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+async def csm_alerts_last_day(session: AsyncSession, csm_id: str, now: datetime) -> int:
+    """CSM alerts offered in the last 24 h over all the CSM's accounts (only when a decision
+    may alert a CSM, so it is not part of the person's statement)."""
+    return int(
+        await session.scalar(
+            select(func.count())
+            .select_from(Contact)
+            .where(Contact.csm_id == csm_id, Contact.channel == "csm", Contact.at > now - DAY)
+        )
+        or 0
     )
 
 
-# Built once, so its compiled form and cache key are reused on every decision.
-_HISTORY = _history_statement()
-
-
-async def load_history(
-    session: AsyncSession,
+def contact_history(
     limits: ContactLimits,
     *,
-    user_id: str,
+    offers: list[Offer],
+    open_elements: set[str],
     user_timezone: str | None,
-    preference: ChannelPreference | None,
+    channels: dict[str, Any] | None,
+    quiet_hours: dict[str, Any] | None,
     dismissed: dict[str, str],
     csm_id: str | None,
-    now: datetime,
-    horizon: timedelta,
-    need_csm_load: bool,
+    csm_load: int,
 ) -> ContactHistory:
-    # One round trip: the person's recent offers ("c") and open cards or deliveries ("o").
-    rows = await session.execute(_HISTORY, {"user_id": user_id, "since": now - horizon})
-    offers: list[Offer] = []
-    open_elements: set[str] = set()
-    for kind, element_id, channel, at in rows.all():
-        if kind == "c":
-            offers.append(Offer(element_id, channel, at))
-        else:
-            open_elements.add(element_id)
-    csm_load = 0
-    if need_csm_load and csm_id is not None:
-        csm_load = int(
-            await session.scalar(
-                select(func.count())
-                .select_from(Contact)
-                .where(Contact.csm_id == csm_id, Contact.channel == "csm", Contact.at > now - DAY)
-            )
-            or 0
-        )
+    """What the policy knows about one person: the history read with the person, their
+    preference centre (``channels``, ``quiet_hours``; None without one) and dismissals."""
     dismissals = [_parse_time(v) for v in dismissed.values()]
     return ContactHistory(
         offers=offers,
         open_elements=open_elements,
         csm_id=csm_id,
         csm_alerts_last_day=csm_load,
-        quiet=quiet_window(limits, user_timezone, preference.quiet_hours if preference else None),
-        channel_allowed={
-            str(k): bool(v) for k, v in (preference.channels if preference else {}).items()
-        },
+        quiet=quiet_window(limits, user_timezone, quiet_hours),
+        channel_allowed={str(k): bool(v) for k, v in (channels or {}).items()},
         last_dismissal=max((d for d in dismissals if d is not None), default=None),
     )
 

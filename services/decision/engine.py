@@ -12,11 +12,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from models.features import Context, ElementFacts, build_matrix, context_vector
+from models.features import (
+    Context,
+    ElementFacts,
+    build_matrix,
+    context_vector,
+    offer_history,
+    past_outcomes,
+)
 from models.ranker import Ranker
+from models.routing import ServingModels
 from services.decision.arbitration import (
     RuleEffects,
     apply_rules,
@@ -26,20 +34,24 @@ from services.decision.arbitration import (
 from services.decision.contact_policy import (
     ContactPolicy,
     Exclusion,
+    contact_history,
+    csm_alerts_last_day,
     history_horizon,
-    load_history,
 )
 from services.decision.explain import model_reasons, prior_reasons, reason
 from services.decision.library import Stage, ValueElement
+from services.decision.person import read_person
 from services.decision.playbooks import PlaybookSet
 from services.decision.policy import Exploration, Pick
 from services.decision.rules import evaluate
+from services.ingest.erasure import fence
+from services.ingest.summary import sophistication as area_sophistication
 from services.ingest.view import AccountState, UserState
 from services.ingest.windows import total as usage_total
 from shared.contracts import DecidedItem, DecisionMessage
 from shared.envelope import Channel, Role
-from shared.metrics import DECISION_DURATION, DECISIONS, EXCLUSIONS
-from shared.store.models import AccountView, ChannelPreference, Contact, DecisionRow, UserView
+from shared.metrics import DECISION_DURATION, DECISIONS, EXCLUSIONS, MODEL_DECISIONS
+from shared.store.models import Contact, DecisionRow
 
 
 class UnknownUser(LookupError):
@@ -62,6 +74,7 @@ def facts(e: ValueElement) -> ElementFacts:
         value_weight=e.value_weight,
         effort_minutes=e.effort_minutes,
         feature_area=e.feature_area,
+        element_id=e.id,
     )
 
 
@@ -123,16 +136,12 @@ def context_of(user: UserState, account: AccountState | None, now: datetime) -> 
         sophistication=_sophistication(user),
         past_due=bool(account and account.subscription_status == "past_due"),
         mrr=account.mrr if account else None,
+        area_sophistication={a: s.score for a, s in area_sophistication(user).items()},
+        area_questions=dict(user.support_questions),
     )
 
 
 # Built once: SQLAlchemy then reuses their compiled form and cache keys on every request.
-_PERSON = (
-    select(UserView, AccountView, ChannelPreference)
-    .outerjoin(AccountView, AccountView.account_id == UserView.account_id)
-    .outerjoin(ChannelPreference, ChannelPreference.user_id == UserView.user_id)
-    .where(UserView.user_id == bindparam("user_id"))
-)
 _LOG_DECISION = insert(DecisionRow.__table__)  # type: ignore[arg-type]
 _LOG_CONTACT = insert(Contact.__table__)  # type: ignore[arg-type]
 
@@ -163,12 +172,18 @@ class DecisionEngine:
     ) -> None:
         self.explain_items = explain_items
         # Each of these is replaced by reference (hot reload); a decision reads each once.
-        self.ranker = ranker
+        # The champion, and the challenger with its share of people (models.routing).
+        self.models = ServingModels(ranker)
         self.library = LibrarySnapshot.of(None, [])
         self.playbooks = playbooks or PlaybookSet()
         self.policy = exploration
         self.contact = contact
         self._csm_of: CsmOf = csm_of or (lambda account_id, account: None)
+
+    @property
+    def ranker(self) -> Ranker:
+        """The champion (a person may be routed to the challenger: ``models.for_user``)."""
+        return self.models.champion
 
     @property
     def elements(self) -> tuple[ValueElement, ...]:
@@ -190,17 +205,16 @@ class DecisionEngine:
         ``only`` restricts the candidates (a playbook step offers its one element, still
         subject to every rule and the contact policy)."""
         started = time.perf_counter()
-        # One round trip for the person, their account and their preferences.
-        found = (await session.execute(_PERSON, {"user_id": user_id})).first()
-        if found is None:
-            raise UnknownUser(user_id)
-        user_row, account_row, preference = found
-        user = UserState.model_validate(user_row, from_attributes=True)
-        account = (
-            AccountState.model_validate(account_row, from_attributes=True) if account_row else None
-        )
+        # Until the caller commits: an erasure of this person waits, or has finished.
+        await fence(session, exclusive=False)
         now = datetime.now(UTC)
-        library, ranker, playbooks = self.library, self.ranker, self.playbooks
+        library, playbooks = self.library, self.playbooks
+        # One round trip for the person, their account, preferences and contact history.
+        person = await read_person(session, user_id, now - history_horizon(library.elements))
+        if person is None:
+            raise UnknownUser(user_id)
+        user, account = person.user, person.account
+        ranker = self.models.for_user(user.user_id)
         ctx = context_of(user, account, now)
         elements = (
             list(library.elements)
@@ -212,18 +226,23 @@ class DecisionEngine:
         wants_csm = channel is Channel.CSM or (
             channel is None and any(Channel.CSM in e.channels for e in elements)
         )
-        history = await load_history(
-            session,
+        history = contact_history(
             self.contact.limits,
-            user_id=user.user_id,
+            offers=person.offers,
+            open_elements=person.open_elements,
             user_timezone=user.timezone,
-            preference=preference,
+            channels=person.channels,
+            quiet_hours=person.quiet_hours,
             dismissed=user.dismissed,
             csm_id=csm_id,
-            now=now,
-            horizon=history_horizon(library.elements),
-            need_csm_load=wants_csm,
+            csm_load=(
+                await csm_alerts_last_day(session, csm_id, now)
+                if wants_csm and csm_id is not None
+                else 0
+            ),
         )
+        ctx = offer_history(ctx, [(o.element_id, o.at) for o in history.offers])
+        ctx = past_outcomes(ctx, user.achieved, user.dismissed, library.element_facts)
 
         candidates: list[_Candidate] = []
         for verdict in evaluate(elements, user, channel, library.elements):
@@ -336,6 +355,11 @@ class DecisionEngine:
                 "features": context_vector(ctx),
                 # Lets the training export rebuild per-element features exactly.
                 "feature_usage": dict(ctx.feature_usage),
+                "area_sophistication": dict(ctx.area_sophistication),
+                "area_questions": dict(ctx.area_questions),
+                "offer_history": {k: list(v) for k, v in ctx.offer_history.items()},
+                "area_outcomes": {k: list(v) for k, v in ctx.area_outcomes.items()},
+                "kind_outcomes": {k: list(v) for k, v in ctx.kind_outcomes.items()},
                 "rules_fired": list(effects.fired),
                 "library_version": library.version,
                 "csm_id": csm_id,
@@ -375,6 +399,7 @@ class DecisionEngine:
         quiet = history.quiet
         if not items and candidates and all(c.excluded_by == "quiet_hours" for c in candidates):
             deferred_until = quiet.ends_after(now) if quiet else None
+        MODEL_DECISIONS.labels(ranker.version).inc()
         DECISION_DURATION.observe(time.perf_counter() - started)
         return Decided(message, row, deferred_until)
 

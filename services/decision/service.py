@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from models.ranker import champion_version, load_champion
+from models.ranker import RulePrior
+from models.routing import ServingModels
 from services.decision.admin import Launch, Launched, PlaybookList, admin_router
 from services.decision.contact_policy import ContactLimits, ContactPolicy
 from services.decision.engine import Decided, DecisionEngine, LibrarySnapshot, UnknownUser
@@ -27,6 +28,8 @@ from services.decision.library import (
     load_library,
     seed_library,
 )
+from services.decision.model_admin import model_admin_router
+from services.decision.model_loader import ModelLoader, publish_metrics
 from services.decision.playbook_runs import (
     STEP_JOB,
     StepJob,
@@ -38,10 +41,11 @@ from services.decision.playbook_runs import (
 from services.decision.playbooks import DEFAULT_PLAYBOOKS, Playbook, load_playbooks
 from services.decision.policy import make_policy
 from services.ingest.view import AccountState
+from shared.access.scopes import Scope, requires
 from shared.bus import Message, Record
 from shared.contracts import DecidedItem
 from shared.envelope import Channel, Identifier, TriggerEvent, decode
-from shared.metrics import MODEL_INFO
+from shared.logging import log_ref
 from shared.runtime import Runtime
 from shared.scheduler import Job, SchedulerWorker, schedule
 from shared.store.db import upsert
@@ -104,7 +108,7 @@ class DecisionService:
         s = runtime.settings
         self._playbook_dir = s.playbook_dir or DEFAULT_PLAYBOOKS
         self.engine = DecisionEngine(
-            load_champion(s.model_dir),
+            RulePrior(),  # until start() applies the registry's assignment
             make_policy(
                 s.exploration_policy,
                 s.exploration_epsilon,
@@ -121,7 +125,8 @@ class DecisionService:
         )
         self.scheduler = SchedulerWorker(runtime.sessions, {STEP_JOB: self.run_step}, poll_s=0.5)
         self._stopping = asyncio.Event()
-        self._watcher: asyncio.Task[None] | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        self.models = ModelLoader(runtime.sessions, self._serving, self._serve_models)
         self.router = APIRouter(tags=["decision"])
         self.router.add_api_route("/v1/next-best-value", self.next_best_value, methods=["GET"])
         self.router.add_api_route(
@@ -131,6 +136,7 @@ class DecisionService:
         self.router.include_router(
             admin_router(runtime, self.reload_library, self._playbook_list, self.launch)
         )
+        self.router.include_router(model_admin_router(runtime, self.refresh_model))
 
     def _csm_of(self, account_id: str, account: AccountState | None) -> str | None:
         owner = getattr(account, "csm_id", None) or getattr(account, "csm_owner", None)
@@ -152,23 +158,38 @@ class DecisionService:
         await self.reload_library()
         for problem in self.engine.playbooks.check_elements(self.engine.elements):
             log.warning("playbook refers to a missing element", extra={"problem": problem})
-        self._set_model_info()
+        publish_metrics(self.engine.models)
+        try:
+            await self.refresh_model()
+        except Exception:
+            log.exception("assigned model could not be loaded; serving the rule prior meanwhile")
         await self._worker.start()
         await self.scheduler.start()
-        self._watcher = asyncio.create_task(self._watch(), name="decision-reload")
+        s = self._rt.settings
+        self._watchers = [
+            asyncio.create_task(
+                self._watch(s.model_poll_s, self.refresh_model, "model"), name="model-reload"
+            ),
+            asyncio.create_task(
+                self._watch(s.library_poll_s, self._refresh_library_if_changed, "library"),
+                name="library-reload",
+            ),
+        ]
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._watcher is not None:
-            await self._watcher
+        for watcher in self._watchers:
+            await watcher
         await self.scheduler.stop()
         await self._worker.stop()
 
     # -------------------------------------------------------------- hot reloads
 
-    def _set_model_info(self) -> None:
-        MODEL_INFO.clear()
-        MODEL_INFO.labels(self.engine.ranker.version, self.engine.ranker.kind).set(1)
+    def _serving(self) -> ServingModels:
+        return self.engine.models
+
+    def _serve_models(self, models: ServingModels) -> None:
+        self.engine.models = models  # one reference swap; decisions in flight keep theirs
 
     async def reload_library(self) -> None:
         async with self._rt.sessions() as session:
@@ -177,17 +198,8 @@ class DecisionService:
         self.engine.library = LibrarySnapshot.of(version, elements)  # one reference swap
 
     async def refresh_model(self) -> bool:
-        """Swap in the promoted model if CHAMPION changed; requests in flight keep theirs."""
-        registry = self._rt.settings.model_dir
-        wanted = await asyncio.to_thread(champion_version, registry)
-        current = self.engine.ranker
-        if (wanted or "rules-v1") == current.version:
-            return False
-        ranker = await asyncio.to_thread(load_champion, registry)
-        self.engine.ranker = ranker
-        self._set_model_info()
-        log.info("model swapped", extra={"from": current.version, "to": ranker.version})
-        return True
+        """Swap in the models the registry assigns if they changed (True if swapped)."""
+        return await self.models.refresh()
 
     async def _refresh_library_if_changed(self) -> None:
         async with self._rt.sessions() as session:
@@ -196,22 +208,18 @@ class DecisionService:
             await self.reload_library()
             log.info("library reloaded", extra={"version": version})
 
-    async def _watch(self) -> None:
-        s = self._rt.settings
-        period = min(s.model_poll_s, s.library_poll_s)
+    async def _watch(
+        self, period: float, refresh: Callable[[], Awaitable[object]], what: str
+    ) -> None:
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=period)
             if self._stopping.is_set():
                 return
             try:
-                await self.refresh_model()
+                await refresh()
             except Exception:
-                log.exception("model reload failed; the current model keeps serving")
-            try:
-                await self._refresh_library_if_changed()
-            except Exception:
-                log.exception("library reload failed; the current library keeps serving")
+                log.exception("reload failed; the current one keeps serving", extra={"what": what})
 
     # -------------------------------------------------------------- API
 
@@ -251,6 +259,7 @@ class DecisionService:
             items=m.items,
         )
 
+    @requires(Scope.DECISIONS_READ)
     async def next_best_value(
         self,
         user_id: Annotated[str, Query(min_length=1, max_length=200)],
@@ -284,6 +293,7 @@ class DecisionService:
             await self._commit_and_publish(session, [decided])
         return self._answer(decided)
 
+    @requires(Scope.DECISIONS_READ)
     async def next_best_value_batch(self, body: BatchRequest) -> BatchResponse:
         """Decide for many people at once (one transaction, one publish)."""
         decided: list[Decided] = []
@@ -301,6 +311,7 @@ class DecisionService:
             await self._commit_and_publish(session, decided)
         return BatchResponse(results=[self._answer(d) for d in decided], errors=errors)
 
+    @requires(Scope.DECISIONS_READ)
     async def get_decision(self, decision_id: str) -> DecisionLog:
         """A past decision: what was eligible, what was excluded and why, the scores, the
         propensities, the model version, and the reason given for each item."""
@@ -449,7 +460,9 @@ class DecisionService:
                     decision_id=decision_id,
                 )
             except UnknownUser:
-                log.warning("playbook step for an unknown user", extra={"key": job.key})
+                log.warning(
+                    "playbook step for an unknown user", extra={"job_ref": log_ref(job.key)}
+                )
                 return
             if decided.deferred_until is not None:
                 await schedule(

@@ -31,6 +31,7 @@ from services.delivery.ledger import (
     schedule_send,
 )
 from services.delivery.preferences import Preferences, choose_channel, load_preferences, quiet_until
+from services.ingest.erasure import ErasureGuard
 from shared.bus import Record
 from shared.contracts import DecidedItem, DecisionMessage
 from shared.envelope import Channel
@@ -60,6 +61,7 @@ class Dispatcher:
         self._rt = runtime
         self._senders = senders
         self._notifier = notifier
+        self._erasures = ErasureGuard(runtime.settings)
 
     async def handle_decisions(self, records: Sequence[Record]) -> None:
         decided: dict[str, tuple[DecisionMessage, DecidedItem]] = {}
@@ -78,6 +80,9 @@ class Dispatcher:
                 await session.scalars(select(Delivery.id).where(Delivery.id.in_(list(decided))))
             )
             fresh = {k: v for k, v in decided.items() if k not in seen}
+            # Decisions still in flight (or replayed) for someone erased since: not delivered.
+            erased = await self._erasures.erased(session, {d.user_id for d, _ in fresh.values()})
+            fresh = {k: v for k, v in fresh.items() if v[0].user_id not in erased}
             if not fresh:
                 return
             users = {d.user_id for d, _ in fresh.values()}

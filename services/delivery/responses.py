@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
-from fastapi import HTTPException, status
+from fastapi import Depends, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from services.delivery.inbox import PROGRESS, Notifier
+from shared.access.guard import Principal, caller, forbidden
+from shared.access.scopes import Scope, requires
 from shared.bus import Message
 from shared.envelope import Channel, Identifier, Outcome, ResponseEvent, ResponsePayload, encode
-from shared.metrics import RESPONSES
+from shared.metrics import MODEL_RESPONSES, RESPONSES
 from shared.runtime import Runtime
 from shared.scheduler import schedule
-from shared.store.models import Delivery, InboxItem
+from shared.store.models import DecisionRow, Delivery, InboxItem
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +81,30 @@ class Responses:
             self._rt.topic("events"), [Message(key=event.account_id, value=encode(event))]
         )
         RESPONSES.labels(event.payload.outcome.value, event.payload.channel.value).inc()
+        await self._count_by_model(event)
 
-    async def respond(self, response: ResponseIn) -> ResponseAccepted:
+    async def _count_by_model(self, event: ResponseEvent) -> None:
+        """Outcomes by the model version that scored the decision, so champion and challenger
+        can be compared; a metric, so a failed lookup is logged, never the response's fault."""
+        try:
+            async with self._rt.sessions() as session:
+                version = await session.scalar(
+                    select(DecisionRow.model_version).where(
+                        DecisionRow.id == event.payload.decision_id
+                    )
+                )
+        except Exception:
+            log.warning("model version of a response not found", exc_info=True)
+            return
+        MODEL_RESPONSES.labels(version or "unknown", event.payload.outcome.value).inc()
+
+    @requires(Scope.RESPONSES_WRITE, widget=True)
+    async def respond(
+        self, response: ResponseIn, by: Annotated[Principal, Depends(caller)]
+    ) -> ResponseAccepted:
         """Record what the person did with a delivered element; it flows back into the view."""
+        if not by.may_act_for(response.user_id):
+            raise forbidden("other_user", "this publishable key is for another user")
         async with self._rt.sessions() as session, session.begin():
             item = await session.scalar(
                 select(InboxItem).where(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 import logging
-import secrets
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -28,8 +28,11 @@ from services.delivery.preferences import (
     save_preferences,
 )
 from services.delivery.responses import UNSNOOZE_JOB, ResponseAccepted, Responses
+from services.delivery.signing import BadToken
 from services.delivery.stream import card_events
 from services.delivery.tracking import Tracking
+from shared.access import publishable
+from shared.access.scopes import Scope, public, requires
 from shared.envelope import Channel, Identifier
 from shared.runtime import Runtime
 from shared.scheduler import SchedulerWorker
@@ -41,17 +44,6 @@ STATIC = Path(__file__).with_name("static")
 UserId = Annotated[str, PathParam(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@\-]+$")]
 
 
-def signing_secret(runtime: Runtime) -> bytes:
-    secret = runtime.settings.signing_secret.get_secret_value()
-    if secret:
-        return secret.encode()
-    log.warning(
-        "NBV_SIGNING_SECRET is not set: using a random one, so email links stop working "
-        "after a restart and differ between replicas"
-    )
-    return secrets.token_bytes(32)
-
-
 class DeliveryService:
     name = "delivery"
 
@@ -61,7 +53,7 @@ class DeliveryService:
         if settings.csm_webhook_url and not settings.webhook_secret.get_secret_value():
             raise ValueError("NBV_CSM_WEBHOOK_URL is set but NBV_WEBHOOK_SECRET is empty")
         self.notifier = Notifier()
-        self.links = Links(signing_secret(runtime), settings.public_url, settings.product_url)
+        self.links = Links(runtime.signing_key, settings.public_url, settings.product_url)
         self._http = httpx.AsyncClient(follow_redirects=False)
         senders: dict[Channel, Sender] = {Channel.EMAIL: EmailChannel(settings, self.links)}
         if settings.csm_webhook_url:
@@ -92,6 +84,13 @@ class DeliveryService:
             status_code=status.HTTP_202_ACCEPTED,
             response_model=ResponseAccepted,
         )
+        r.add_api_route(
+            "/v1/widget/keys",
+            self.widget_key,
+            methods=["POST"],
+            status_code=status.HTTP_201_CREATED,
+            summary="Mint a publishable widget key for one user",
+        )
         r.add_api_route("/v1/deliveries", self.deliveries, methods=["GET"])
         r.add_api_route("/v1/deliveries/{delivery_id}", self.delivery, methods=["GET"])
         r.add_api_route("/v1/deliveries/{delivery_id}/replay", self.replay_one, methods=["POST"])
@@ -108,6 +107,7 @@ class DeliveryService:
         await self.scheduler.stop()
         await self._http.aclose()
 
+    @requires(Scope.DECISIONS_READ, widget=True)
     async def inbox(
         self,
         user_id: UserId,
@@ -117,19 +117,23 @@ class DeliveryService:
             items = await list_cards(session, user_id, include_closed=include_closed)
         return Inbox(user_id=user_id, items=items)
 
+    @requires(Scope.DECISIONS_READ, widget=True, key_in_query=True)
     async def stream(self, request: Request, user_id: UserId) -> StreamingResponse:
         """Server-sent events: ``card`` (new or changed, JSON like the inbox items) and
-        ``remove`` (closed); comments keep idle connections open."""
+        ``remove`` (closed); comments keep idle connections open. A browser's EventSource
+        cannot send headers: it may pass its publishable key as ``?key=``."""
         return StreamingResponse(
             card_events(self._rt, self.notifier, request, user_id),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    @requires(Scope.DECISIONS_READ, widget=True)
     async def get_prefs(self, user_id: UserId) -> PreferencesOut:
         async with self._rt.sessions() as session:
             return await get_preferences(session, user_id)
 
+    @requires(Scope.RESPONSES_WRITE, widget=True)
     async def put_prefs(self, user_id: UserId, prefs: Preferences) -> PreferencesOut:
         """Replace the person's preferences (channels not listed stay allowed)."""
         async with self._rt.sessions() as session, session.begin():
@@ -173,6 +177,16 @@ class DeliveryService:
             await replay(session, self._rt.dialect, ids=[delivery_id])
         return await self.delivery(delivery_id)
 
+    @requires(Scope.DECISIONS_READ)
+    async def widget_key(self, body: publishable.WidgetKeyRequest) -> publishable.WidgetKey:
+        """A publishable key for the person signed in to your app, to hand to the widget
+        (``data-key``): it opens only that person's inbox, live stream, preferences and
+        responses, until it expires. Mint it from your backend, never from the browser."""
+        expires_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=body.ttl_s)
+        key = publishable.mint(self._rt.signing_key, body.user_id, expires_at)
+        return publishable.WidgetKey(key=key, user_id=body.user_id, expires_at=expires_at)
+
+    @public
     async def widget(self) -> Response:
         return Response(
             (STATIC / "widget.js").read_bytes(),
@@ -180,7 +194,23 @@ class DeliveryService:
             headers={"Cache-Control": "public, max-age=300"},
         )
 
-    async def demo(self, user_id: Annotated[Identifier, Query()]) -> HTMLResponse:
-        """A page hosting the widget for one person (for trying it, and for its browser test)."""
-        page = (STATIC / "demo.html").read_text().replace("{{USER_ID}}", html.escape(user_id))
-        return HTMLResponse(page)
+    @public
+    async def demo(
+        self, key: Annotated[str, Query(min_length=1, max_length=2_000)]
+    ) -> HTMLResponse:
+        """A page hosting the widget for the holder of a publishable key (for trying it, and for
+        its browser test). It holds no data: everything it shows comes through the key."""
+        try:
+            grant = publishable.read(self._rt.signing_key, key, datetime.now(UTC))
+        except (BadToken, publishable.ExpiredKey) as exc:
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST, f"key: not a valid publishable key ({exc})"
+            ) from None
+        page = (
+            (STATIC / "demo.html")
+            .read_text()
+            .replace("{{USER_ID}}", html.escape(grant.user_id))
+            .replace("{{KEY}}", html.escape(key))
+        )
+        # The page holds a key: never cached.
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})

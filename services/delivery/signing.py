@@ -1,4 +1,5 @@
-"""HMAC signatures: tamper-proof link tokens (tracked clicks, unsubscribe) and webhook headers."""
+"""HMAC signatures: tamper-proof link tokens (tracked clicks, unsubscribe), webhook headers and
+pseudonyms."""
 
 from __future__ import annotations
 
@@ -46,6 +47,12 @@ def verify_token(secret: bytes, token: str) -> dict[str, Any]:
     if not isinstance(claims, dict):
         raise BadToken("malformed token")
     return claims
+
+
+def keyed_digest(secret: bytes, text: str) -> str:
+    """Hex HMAC-SHA256 of ``text``: stable for one secret, and neither reversible nor
+    recomputable without it (the pseudonyms of erased people, docs/privacy.md)."""
+    return hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()
 
 
 def webhook_signature(secret: bytes, body: bytes, timestamp: int | None = None) -> str:

@@ -12,6 +12,7 @@ from services.delivery.links import Links
 from services.delivery.preferences import disable_channel
 from services.delivery.responses import Responses, response_event
 from services.delivery.signing import BadToken
+from shared.access.scopes import public
 from shared.envelope import Channel, Outcome
 from shared.runtime import Runtime
 
@@ -33,6 +34,7 @@ class Tracking:
         self.router.add_api_route("/v1/unsubscribe/{token}", self.unsubscribe_page, methods=["GET"])
         self.router.add_api_route("/v1/unsubscribe/{token}", self.unsubscribe, methods=["POST"])
 
+    @public  # the signed token is the credential
     async def click(self, token: str) -> RedirectResponse:
         """Record a ``clicked`` response, then send the person where the link points."""
         try:
@@ -54,6 +56,7 @@ class Tracking:
             log.exception("click could not be recorded", extra={"delivery_id": click.delivery_id})
         return RedirectResponse(click.url, status_code=status.HTTP_302_FOUND)
 
+    @public
     async def unsubscribe_page(self, token: str) -> HTMLResponse:
         # A GET never unsubscribes: mail scanners prefetch links. The button POSTs.
         self._read(token)
@@ -64,6 +67,7 @@ class Tracking:
         )
         return HTMLResponse(_PAGE.format(title="Unsubscribe", body=body))
 
+    @public
     async def unsubscribe(self, token: str) -> HTMLResponse:
         """One-click unsubscribe (RFC 8058 ``List-Unsubscribe-Post``) and the page's button."""
         user_id, channel = self._read(token)

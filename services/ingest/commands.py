@@ -19,6 +19,7 @@ from services.ingest.importer import (
     http_sender,
     run_import,
 )
+from shared.access.keys import client_key
 from shared.bus import create_bus
 from shared.logging import configure_logging
 from shared.settings import Settings
@@ -33,7 +34,9 @@ def register(sub: Any) -> None:
     parser.add_argument("file", type=Path)
     parser.add_argument("--format", choices=["ndjson", "csv"], help="default: from the suffix")
     parser.add_argument(
-        "--url", help="a running ingest service (default: NBV_PUBLIC_URL); posts batches"
+        "--url",
+        help="a running ingest service (default: NBV_PUBLIC_URL); posts batches with the key "
+        "in NBV_API_KEY (else NBV_ADMIN_KEY), which needs events:write",
     )
     parser.add_argument(
         "--direct",
@@ -77,7 +80,9 @@ async def _run(args: argparse.Namespace, settings: Settings, path: Path, size: i
             finally:
                 await bus.stop()
         url = args.url or settings.public_url
-        async with httpx.AsyncClient(base_url=url, timeout=args.timeout) as client:
+        key = client_key(settings)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with httpx.AsyncClient(base_url=url, timeout=args.timeout, headers=headers) as client:
             return await run_import(
                 path, http_sender(client), fmt=fmt, batch_size=args.batch, progress=bar.update
             )

@@ -4,13 +4,17 @@ Each score is a weighted mean of components in [0, 1], scaled to 0–100. The we
 settings (``NBV_HEALTH_WEIGHTS``, ``NBV_ENGAGEMENT_WEIGHTS``); a component missing from the
 weights is left out. Every component carries a short human reason, so a CSM sees *why* an
 account is red. Formulas and targets are documented in docs/ingest.md.
+
+The projector recomputes both scores for every account a batch touches, so the figures are built
+as plain dicts (``health_figures`` / ``engagement_figures``, what the view stores); the pydantic
+``Score`` is made from them only where it is served.
 """
 
 from __future__ import annotations
 
 import math
 from datetime import date, datetime, timedelta
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
@@ -47,15 +51,28 @@ def _clamp(x: float) -> float:
     return max(0.0, min(1.0, x))
 
 
-def _combine(parts: dict[str, tuple[float, str]], weights: dict[str, float]) -> Score:
-    components = {
-        name: Component(value=round(_clamp(v), 4), weight=weights[name], reason=why)
+Figures = tuple[float, dict[str, dict[str, Any]]]
+
+
+def _combine(parts: dict[str, tuple[float, str]], weights: dict[str, float]) -> Figures:
+    """The weighted score and its components, as stored (each as ``Component`` dumps it)."""
+    kept = [
+        (name, round(float(_clamp(v)), 4), float(weights[name]), why)
         for name, (v, why) in parts.items()
         if weights.get(name, 0) > 0
+    ]
+    total = sum(weight for _, _, weight, _ in kept)
+    weighted = sum(value * weight for _, value, weight, _ in kept)
+    score = 100.0 * weighted / total if total else 0.0
+    components: dict[str, dict[str, Any]] = {
+        name: {"value": value, "weight": weight, "reason": why} for name, value, weight, why in kept
     }
-    total = sum(c.weight for c in components.values())
-    score = 100.0 * sum(c.value * c.weight for c in components.values()) / total if total else 0.0
-    return Score(score=round(score, 2), components=components)
+    return round(score, 2), components
+
+
+def to_score(figures: Figures, band: Band | None = None) -> Score:
+    score, components = figures
+    return Score.model_validate({"score": score, "band": band, "components": components})
 
 
 def band(score: float, red_below: float, green_from: float) -> Band:
@@ -71,8 +88,14 @@ def health(
     red_below: float,
     green_from: float,
 ) -> Score:
+    figures = health_figures(account, as_of, weights)
+    return to_score(figures, band(figures[0], red_below, green_from))
+
+
+def health_figures(account: AccountState, as_of: datetime, weights: dict[str, float]) -> Figures:
     today = as_of.date()
-    areas = [a for a, day in account.area_last_used.items() if day >= _ago(today, 27).isoformat()]
+    since = windows.iso_day(_ago(today, 27))
+    areas = [a for a, day in account.area_last_used.items() if day >= since]
     events_28d = windows.total(account.daily_usage, today, 28)
     per_user = events_28d / max(1, account.user_count)
     open_high = sum(1 for p in account.open_tickets.values() if PRIORITY_RANK.get(p, 1) >= 2)
@@ -94,12 +117,16 @@ def health(
         ),
         "sentiment": _sentiment(account),
     }
-    result = _combine(parts, weights)
-    result.band = band(result.score, red_below, green_from)
-    return result
+    return _combine(parts, weights)
 
 
 def engagement(account: AccountState, as_of: datetime, weights: dict[str, float]) -> Score:
+    return to_score(engagement_figures(account, as_of, weights))
+
+
+def engagement_figures(
+    account: AccountState, as_of: datetime, weights: dict[str, float]
+) -> Figures:
     today = as_of.date()
     dau = windows.total(account.daily_active_users, today, 7) / 7
     ratio = dau / max(1, account.user_count)

@@ -1,8 +1,10 @@
 """The projector: events topic → single customer view, idempotently, batch by batch.
 
-One transaction per batch: claim the event ids in the idempotency ledger, load every touched
-user and account in two queries, fold the events in event-time order, write the rows back in
-one upsert per table, and plan the accounts' timers. Triggers are published before the commit.
+One transaction per batch: claim the event ids in the idempotency ledger, check out every
+touched user and account (view_rows.py: from the projector's cache of its own rows, re-reading
+only rows someone else changed), fold the events in event-time order, write the rows back in
+one upsert per table, and plan the accounts' timers. Triggers are published before the commit;
+the rows go back into the cache after it.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
-from sqlalchemy import CursorResult, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.ingest.erasure import ErasureGuard
 from services.ingest.schedule import account_jobs, add_jobs
 from services.ingest.triggers import to_message
 from services.ingest.view import (
-    AccountState,
     Trigger,
     UserState,
     ViewConfig,
@@ -30,19 +32,24 @@ from services.ingest.view import (
     new_user,
     refresh_scores,
 )
+from services.ingest.view_rows import ViewRows, Written
 from shared.bus import Record
 from shared.envelope import Event, GroupEvent, ResponseEvent, SubscriptionEvent, decode
 from shared.metrics import EVENT_TO_VIEW
 from shared.runtime import Runtime
 from shared.store.db import upsert
-from shared.store.models import AccountView, Intervention, ProcessedEvent, UserAccount, UserView
+from shared.store.models import Intervention, ProcessedEvent, UserAccount
 from shared.worker import PoisonRecord
 
 log = logging.getLogger(__name__)
 
 CONSUMER = "projector"
-_USER_COLUMNS = [c.name for c in UserView.__table__.columns if c.name != "user_id"]
-_ACCOUNT_COLUMNS = [c.name for c in AccountView.__table__.columns if c.name != "account_id"]
+# One statement claims a whole batch, its ids as one JSON array (see view_rows.py for why).
+CLAIM_PG = (
+    "INSERT INTO processed_events (consumer, event_id, processed_at) "
+    "SELECT $1, event_id, $3 FROM json_array_elements_text($2::text::json) AS t(event_id) "
+    "ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id"
+)
 
 
 def decode_records(records: Sequence[Record]) -> list[Event]:
@@ -59,21 +66,32 @@ class Projector:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
         self._config = ViewConfig.from_settings(runtime.settings)
-        self._statements = _Statements(runtime.dialect)
+        self._claim_sqlite = (
+            sqlite.insert(ProcessedEvent)
+            .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
+            .returning(ProcessedEvent.event_id)
+        )
+        self._rows = ViewRows(runtime.dialect, runtime.settings.projector_cache_rows)
+        self._erasures = ErasureGuard(runtime.settings)
 
     async def handle(self, records: Sequence[Record]) -> None:
         events = decode_records(records)
+        written: Written | None = None
         async with self._rt.sessions() as session, session.begin():
             fresh = await self._claim(session, events)
+            # Erased people stay erased on a replay: their events are claimed, then dropped.
+            fresh = await self._erasures.admit(session, fresh)
             if not fresh:
                 return
-            triggers = await self._apply(session, fresh)
+            triggers, written = await self._apply(session, fresh)
             # Published before the commit: if the commit fails the batch is redelivered and the
             # triggers are sent again with the same ids, which the decision service ignores.
             if triggers:
                 await self._rt.bus.publish(
                     self._rt.topic("triggers"), [to_message(t) for t in triggers]
                 )
+        # Only now: the rows the batch folded are what the store holds.
+        self._rows.checkin(written)
         now = time.time()
         for record in records:
             EVENT_TO_VIEW.observe(max(0.0, now - record.timestamp_ms / 1000))
@@ -81,31 +99,24 @@ class Projector:
     async def _claim(self, session: AsyncSession, events: Sequence[Event]) -> list[Event]:
         """Record the ids in the idempotency ledger; keep the events not applied before."""
         unique = list({e.id: e for e in events}.values())
-        stmt = self._statements.claim
-        rows = [{"consumer": CONSUMER, "event_id": e.id} for e in unique]
-        claimed = set((await _execute_many(session, stmt, rows)).scalars())
+        conn = await session.connection()
+        if self._rt.dialect == "postgresql":
+            ids = orjson.dumps([e.id for e in unique]).decode()
+            result = await conn.exec_driver_sql(CLAIM_PG, (CONSUMER, ids, datetime.now(UTC)))
+        else:
+            rows = [{"consumer": CONSUMER, "event_id": e.id} for e in unique]
+            result = await conn.execute(self._claim_sqlite, rows)
+        claimed = set(result.scalars())
         return [e for e in unique if e.id in claimed]
 
-    async def _load(
-        self, session: AsyncSession, user_ids: set[str], account_ids: set[str]
-    ) -> tuple[dict[str, UserState], dict[str, AccountState]]:
-        # Core rows, not ORM instances: nothing here needs identity tracking, and it is faster.
-        conn = await session.connection()
-        users: dict[str, UserState] = {}
-        if user_ids:
-            table = UserView.__table__
-            rows = await conn.execute(select(table).where(table.c.user_id.in_(user_ids)))
-            users = {r["user_id"]: UserState.model_validate(r) for r in rows.mappings()}
-        table = AccountView.__table__
-        rows = await conn.execute(select(table).where(table.c.account_id.in_(account_ids)))
-        accounts = {r["account_id"]: AccountState.model_validate(r) for r in rows.mappings()}
-        return users, accounts
-
-    async def _apply(self, session: AsyncSession, events: Sequence[Event]) -> list[Trigger]:
+    async def _apply(
+        self, session: AsyncSession, events: Sequence[Event]
+    ) -> tuple[list[Trigger], Written]:
         config = self._config
         user_ids = {e.user_id for e in events if e.user_id}
         account_ids = {e.account_id for e in events}
-        users, accounts = await self._load(session, user_ids, account_ids)
+        conn = await session.connection()
+        users, accounts = await self._rows.checkout(conn, user_ids, account_ids)
         triggers: list[Trigger] = []
         interventions: list[dict[str, Any]] = []
         memberships: dict[str, dict[str, Any]] = {}
@@ -113,8 +124,9 @@ class Projector:
         billing_changed: set[str] = set()
         # Event time, then id: the same batch folds the same way on every replay.
         for event in sorted(events, key=lambda e: (e.time, e.id)):
-            account = accounts.get(event.account_id) or new_account(event)
-            accounts[event.account_id] = account
+            account = accounts.get(event.account_id)
+            if account is None:
+                account = accounts[event.account_id] = new_account(event)
             user: UserState | None = None
             if event.user_id:
                 user = users.get(event.user_id)
@@ -125,17 +137,21 @@ class Projector:
             last_cause[event.account_id] = event
             if isinstance(event, SubscriptionEvent):
                 billing_changed.add(event.account_id)
-            if isinstance(event, GroupEvent) and event.user_id:
+            elif isinstance(event, GroupEvent) and event.user_id:
                 memberships[event.user_id] = {
                     "user_id": event.user_id,
                     "account_id": event.account_id,
                     "updated_at": event.time,
                 }
-            if isinstance(event, ResponseEvent):
+            elif isinstance(event, ResponseEvent):
                 interventions.append(_intervention(event))
         for account_id in account_ids:
             triggers += refresh_scores(accounts[account_id], last_cause[account_id], config)
-        await self._write(session, users, accounts, user_ids, account_ids)
+        written = await self._rows.write(
+            conn,
+            [users[u] for u in sorted(user_ids)],
+            [accounts[a] for a in sorted(account_ids)],
+        )
         if interventions:
             await session.execute(
                 upsert(self._rt.dialect, Intervention, interventions, ["event_id"])
@@ -161,49 +177,7 @@ class Projector:
                 )
             ]
             await add_jobs(session, self._rt.dialect, jobs)
-        return triggers
-
-    async def _write(
-        self,
-        session: AsyncSession,
-        users: dict[str, UserState],
-        accounts: dict[str, AccountState],
-        user_ids: set[str],
-        account_ids: set[str],
-    ) -> None:
-        touched_users = [users[u].model_dump() for u in sorted(user_ids)]
-        if touched_users:
-            await _execute_many(session, self._statements.users, touched_users)
-        touched_accounts = [accounts[a].model_dump() for a in sorted(account_ids)]
-        await _execute_many(session, self._statements.accounts, touched_accounts)
-
-
-class _Statements:
-    """The projector's upserts, built once: executed with many parameter sets, they are
-    compiled once and sent in large multi-row batches (SQLAlchemy's insertmanyvalues), instead
-    of compiling a new statement with thousands of bind parameters for every batch."""
-
-    def __init__(self, dialect: str) -> None:
-        self.claim = _upsert(dialect, ProcessedEvent.__table__, ["consumer", "event_id"], [])
-        self.claim = self.claim.returning(ProcessedEvent.__table__.c.event_id)
-        self.users = _upsert(dialect, UserView.__table__, ["user_id"], _USER_COLUMNS)
-        self.accounts = _upsert(dialect, AccountView.__table__, ["account_id"], _ACCOUNT_COLUMNS)
-
-
-def _upsert(dialect: str, table: Any, keys: list[str], update: list[str]) -> Any:
-    stmt = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-    if not update:
-        return stmt.on_conflict_do_nothing(index_elements=keys)
-    return stmt.on_conflict_do_update(
-        index_elements=keys, set_={c: stmt.excluded[c] for c in update}
-    )
-
-
-async def _execute_many(
-    session: AsyncSession, stmt: Any, rows: list[dict[str, Any]]
-) -> CursorResult[Any]:
-    conn = await session.connection()
-    return await conn.execute(stmt, rows)
+        return triggers, written
 
 
 def _intervention(event: ResponseEvent) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.ingest import windows
+from services.ingest.retention import RAW_EVENT_PURGE, RetentionPurge, schedule_purge
 from services.ingest.triggers import Trigger, TriggerName, to_message
 from services.ingest.view import PAYING, AccountState, UserState
 from shared.runtime import Runtime
@@ -182,12 +183,15 @@ class IngestScheduler:
             USAGE_SWEEP: self._usage_sweep,
             MONTH_START: self._calendar(TriggerName.MONTH_START, _month_job, _next_month),
             QUARTER_START: self._calendar(TriggerName.QUARTER_START, _quarter_job, _next_quarter),
+            RAW_EVENT_PURGE: RetentionPurge(runtime).run,
         }
         self.worker = SchedulerWorker(runtime.sessions, handlers, poll_s=s.ingest_scheduler_poll_s)
 
     async def start(self, now: datetime | None = None) -> None:
+        now = now or datetime.now(UTC)
         async with self._rt.sessions() as session, session.begin():
-            await add_jobs(session, self._rt.dialect, calendar_jobs(now or datetime.now(UTC)))
+            await add_jobs(session, self._rt.dialect, calendar_jobs(now))
+            await schedule_purge(session, self._rt.dialect, now.date())
         await self.worker.start()
 
     async def stop(self) -> None:

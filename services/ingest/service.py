@@ -7,8 +7,11 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, status
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from services.ingest.erasure import ErasureReport, erase_user, pseudonym_key
 from services.ingest.projector import Projector
 from services.ingest.publisher import Accepted, publish
 from services.ingest.schedule import IngestScheduler
@@ -20,6 +23,7 @@ from services.ingest.summary import (
     user_summary,
 )
 from services.ingest.view import AccountState, UserState, ViewConfig
+from shared.access.scopes import Scope, requires
 from shared.envelope import InboundEvent
 from shared.runtime import Runtime
 from shared.store.models import AccountView, UserView
@@ -27,6 +31,7 @@ from shared.store.models import AccountView, UserView
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1_000
+UserId = Annotated[str, PathParam(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@\-]+$")]
 
 
 class EventBatch(BaseModel):
@@ -63,6 +68,14 @@ class IngestService:
         self.router.add_api_route(
             "/v1/accounts/{account_id}/view", self.account_view, methods=["GET"]
         )
+        self.router.add_api_route(
+            "/v1/users/{user_id}",
+            self.erase,
+            methods=["DELETE"],
+            response_model=ErasureReport,
+            summary="Erase a person's personal data (docs/privacy.md)",
+            responses={503: {"description": "no pseudonym secret configured"}},
+        )
         self.router.include_router(SourceRoutes(runtime).router)
 
     async def start(self) -> None:
@@ -73,12 +86,15 @@ class IngestService:
         await self.scheduler.stop()
         await self._worker.stop()
 
+    @requires(Scope.EVENTS_WRITE)
     async def post_event(self, event: Annotated[InboundEvent, Body()]) -> Accepted:
         return await publish(self._rt, [event])
 
+    @requires(Scope.EVENTS_WRITE)
     async def post_batch(self, batch: EventBatch) -> Accepted:
         return await publish(self._rt, batch.events)
 
+    @requires(Scope.DECISIONS_READ)
     async def user_view(self, user_id: str) -> UserViewOut:
         async with self._rt.sessions() as session:
             row = await session.get(UserView, user_id)
@@ -87,6 +103,7 @@ class IngestService:
         state = UserState.model_validate(row, from_attributes=True)
         return UserViewOut(**state.model_dump(), summary=user_summary(state, datetime.now(UTC)))
 
+    @requires(Scope.DECISIONS_READ)
     async def account_view(self, account_id: str) -> AccountViewOut:
         async with self._rt.sessions() as session:
             row = await session.get(AccountView, account_id)
@@ -97,3 +114,20 @@ class IngestService:
             **state.model_dump(),
             summary=account_summary(state, datetime.now(UTC), self._config),
         )
+
+    async def erase(self, user_id: UserId) -> ErasureReport | JSONResponse:
+        """Erase everything NBV holds about the person, keeping the decision log under a
+        pseudonym; their events are never projected again. Idempotent: erasing again, or an id
+        NBV never saw, answers 200 with zero counts (and the id is still recorded, so events of
+        it already on their way are dropped)."""
+        key = pseudonym_key(self._rt.settings)
+        if key is None:
+            return JSONResponse(
+                status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                content={
+                    "error": "not_configured",
+                    "message": "set NBV_PSEUDONYM_SECRET (or NBV_SIGNING_SECRET) to erase people",
+                },
+            )
+        async with self._rt.sessions() as session, session.begin():
+            return await erase_user(session, self._rt.dialect, key, user_id, datetime.now(UTC))

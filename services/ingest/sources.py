@@ -21,7 +21,7 @@ from sqlalchemy import select
 from services.ingest.adapters import Unmappable, crm, segment, stripe, support, surveys
 from services.ingest.adapters import unprocessable as _unprocessable
 from services.ingest.publisher import Accepted, publish
-from shared.envelope import InboundEvent
+from shared.access.scopes import Scope, public, requires
 from shared.metrics import EVENTS_REJECTED
 from shared.runtime import Runtime
 from shared.store.db import upsert
@@ -90,20 +90,26 @@ class SourceRoutes:
 
     # ------------------------------------------------------------------ Segment
 
+    # Segment and RudderStack send their write key as HTTP Basic.
+    @requires(Scope.EVENTS_WRITE, basic=True)
     async def segment_track(self, message: segment.TrackMessage) -> SegmentAccepted | JSONResponse:
         return await self._segment([message], None, {})
 
+    @requires(Scope.EVENTS_WRITE, basic=True)
     async def segment_identify(
         self, message: segment.IdentifyMessage
     ) -> SegmentAccepted | JSONResponse:
         return await self._segment([message], None, {})
 
+    @requires(Scope.EVENTS_WRITE, basic=True)
     async def segment_group(self, message: segment.GroupMessage) -> SegmentAccepted | JSONResponse:
         return await self._segment([message], None, {})
 
+    @requires(Scope.EVENTS_WRITE, basic=True)
     async def segment_page(self, message: segment.PageMessage) -> SegmentAccepted | JSONResponse:
         return await self._segment([message], None, {})
 
+    @requires(Scope.EVENTS_WRITE, basic=True)
     async def segment_batch(self, body: segment.SegmentBatch) -> SegmentAccepted | JSONResponse:
         return await self._segment(list(body.batch), body.sent_at, body.context)
 
@@ -113,26 +119,17 @@ class SourceRoutes:
         sent_at: datetime | None,
         context: dict[str, Any],
     ) -> SegmentAccepted | JSONResponse:
-        received = datetime.now(UTC)
         known = await self._accounts_of(segment.users_needing_lookup(list(messages), context))
-        # Libraries often send identify before group in the same batch: the batch's own group
-        # calls say where its users belong.
-        for m in messages:
-            if isinstance(m, segment.GroupMessage) and (user := segment.user_of(m)):
-                known[user] = segment.account_of(m, context, known)
-        events: list[InboundEvent] = []
-        for i, message in enumerate(messages):
-            try:
-                event = segment.to_event(
-                    message, received_at=received, known=known, sent_at=sent_at, context=context
-                )
-            except Unmappable as exc:
-                where = f"batch[{i}].{exc.field}" if len(messages) > 1 else exc.field
-                return _unprocessable(Unmappable(where, exc.message), segment.SOURCE)
-            if event.user_id is not None:
-                # A group call, or any message naming an account, tells later ones without it.
-                known[event.user_id] = event.account_id
-            events.append(event)
+        try:
+            events = segment.to_events(
+                messages,
+                received_at=datetime.now(UTC),
+                known=known,
+                sent_at=sent_at,
+                context=context,
+            )
+        except Unmappable as exc:
+            return _unprocessable(exc, segment.SOURCE)
         groups = [
             (e.user_id, e.account_id, e.time)
             for e in events
@@ -169,6 +166,7 @@ class SourceRoutes:
 
     # ------------------------------------------------------------------ Stripe
 
+    @public  # authenticated by its Stripe-Signature instead
     async def stripe_webhook(self, request: Request) -> StripeAck | JSONResponse:
         secret = self._rt.settings.stripe_webhook_secret.get_secret_value()
         if not secret:
@@ -209,6 +207,7 @@ class SourceRoutes:
 
     # ------------------------------------------------------- support, surveys, CRM
 
+    @requires(Scope.EVENTS_WRITE)
     async def support_webhook(self, hook: support.SupportWebhook) -> Accepted | JSONResponse:
         try:
             event = support.to_event(hook, datetime.now(UTC))
@@ -216,8 +215,10 @@ class SourceRoutes:
             return _unprocessable(exc, support.SOURCE)
         return await publish(self._rt, [event])
 
+    @requires(Scope.EVENTS_WRITE)
     async def survey_response(self, answer: Annotated[surveys.SurveyResponse, Body()]) -> Accepted:
         return await publish(self._rt, [surveys.to_event(answer)])
 
+    @requires(Scope.EVENTS_WRITE)
     async def crm_contact(self, change: Annotated[crm.ContactChange, Body()]) -> Accepted:
         return await publish(self._rt, [crm.to_event(change)])

@@ -9,6 +9,7 @@ same reason. Read-time figures (windows as of now, sophistication, scores) are i
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -87,7 +88,7 @@ class ViewConfig(BaseModel):
             health_green_from=settings.health_green_from,
         )
 
-    @property
+    @cached_property
     def keep_days(self) -> int:
         return windows.retention_days(self.max_lateness)
 
@@ -233,10 +234,10 @@ def apply_event(
     active users) is counted here."""
     triggers = apply_to_account(account, event, config)
     if user is not None:
-        before = user.daily_usage.get(windows.day_key(event.time), 0)
+        day = windows.day_key(event.time)
+        before = user.daily_usage.get(day, 0)
         triggers += apply_to_user(user, event, config)
-        after = user.daily_usage.get(windows.day_key(event.time), 0)
-        if before == 0 and after > 0:
+        if before == 0 and user.daily_usage.get(day, 0) > 0:
             windows.add(account.daily_active_users, event.time, account.last_seen, config.keep_days)
     return triggers
 
@@ -246,10 +247,16 @@ def apply_to_user(
 ) -> list[Trigger]:
     """Fold one (not yet applied) event into the user's view; return the triggers it fires."""
     triggers: list[Trigger] = []
-    user.account_id = event.account_id
-    user.first_seen = min(user.first_seen, event.time)
-    user.last_seen = max(user.last_seen, event.time)
-    user.updated_at = max(user.updated_at, event.time)
+    at = event.time
+    # Assigned only when they change: assignment is the costly part of a pydantic model.
+    if user.account_id != event.account_id:
+        user.account_id = event.account_id
+    if at < user.first_seen:
+        user.first_seen = at
+    if at > user.last_seen:
+        user.last_seen = at
+    if at > user.updated_at:
+        user.updated_at = at
     user.event_count += 1
     _bump(user.event_counts, event.type)
     usage = _usage_area(event)
@@ -311,19 +318,24 @@ def _user_usage(
 ) -> list[Trigger]:
     area, name = usage
     triggers: list[Trigger] = []
-    day = event.time.date()
-    first_today = user.daily_usage.get(day.isoformat(), 0) == 0
-    is_newest_day = user.last_active is None or day >= user.last_active.date()
-    if first_today and is_newest_day and user.last_active is not None:
+    at = event.time
+    last_active = user.last_active
+    day = at.date()
+    if (
+        last_active is not None
+        and user.daily_usage.get(windows.iso_day(day), 0) == 0
+        and day >= last_active.date()
+    ):
         # Coming back after a drop: as of yesterday usage was down by the threshold.
         wow = windows.week_over_week(user.daily_usage, day - timedelta(days=1))
         if wow is not None and wow <= -config.usage_drop_pct:
             triggers.append(
                 caused_by(TriggerName.USAGE_RECOVERED, f"active again after {wow:.0f} %", event)
             )
-    newest = max(user.last_active or event.time, event.time)
-    windows.add(user.daily_usage, event.time, newest, config.keep_days)
-    user.last_active = newest
+    newest = at if last_active is None or at > last_active else last_active
+    windows.add(user.daily_usage, at, newest, config.keep_days)
+    if newest is not last_active:
+        user.last_active = newest
     per_area = user.area_events.setdefault(area, {})
     _bump(per_area, name)
     return triggers
@@ -384,17 +396,22 @@ def apply_to_account(
     account: AccountState, event: Event, config: ViewConfig = DEFAULT_CONFIG
 ) -> list[Trigger]:
     triggers: list[Trigger] = []
-    account.first_seen = min(account.first_seen, event.time)
-    account.last_seen = max(account.last_seen, event.time)
-    account.updated_at = max(account.updated_at, event.time)
+    at = event.time
+    if at < account.first_seen:
+        account.first_seen = at
+    if at > account.last_seen:
+        account.last_seen = at
+    if at > account.updated_at:
+        account.updated_at = at
     account.event_count += 1
     usage = _usage_area(event)
     if usage is not None:
         area = usage[0]
-        windows.add(account.daily_usage, event.time, account.last_seen, config.keep_days)
+        windows.add(account.daily_usage, at, account.last_seen, config.keep_days)
         _bump(account.feature_usage, area)
-        day = windows.day_key(event.time)
+        day = windows.day_key(at)
         account.area_last_used[area] = max(day, account.area_last_used.get(area, day))
+        return triggers  # product usage is nothing else to the account
     match event:
         case SubscriptionEvent():
             triggers += _subscription(account, event)
@@ -431,9 +448,9 @@ def apply_to_account(
                 account.open_tickets[p.ticket_id] = p.priority
         case TicketSolvedEvent(payload=p):
             account.open_tickets.pop(p.ticket_id, None)
-            at = event.time.isoformat()
+            solved = at.isoformat()
             account.solved_tickets[p.ticket_id] = max(
-                at, account.solved_tickets.get(p.ticket_id, at)
+                solved, account.solved_tickets.get(p.ticket_id, solved)
             )
         case NpsEvent(payload=p):
             if _newer(event.time, account.last_nps_at):
@@ -511,19 +528,18 @@ def refresh_scores(
 ) -> list[Trigger]:
     """Recompute health and engagement as of the newest event; trigger on a band change."""
     as_of = account.last_seen
-    h = scores.health(
-        account, as_of, config.health_weights, config.health_red_below, config.health_green_from
-    )
-    e = scores.engagement(account, as_of, config.engagement_weights)
+    score, components = scores.health_figures(account, as_of, config.health_weights)
+    band = scores.band(score, config.health_red_below, config.health_green_from)
+    e_score, e_components = scores.engagement_figures(account, as_of, config.engagement_weights)
     previous = account.health_band
-    account.health_score, account.health_band = h.score, h.band
-    account.health_components = {k: c.model_dump() for k, c in h.components.items()}
-    account.engagement_score = e.score
-    account.engagement_components = {k: c.model_dump() for k, c in e.components.items()}
-    if cause is None or previous is None or previous == h.band or h.band == "yellow":
+    account.health_score, account.health_band = score, band
+    account.health_components = components
+    account.engagement_score = e_score
+    account.engagement_components = e_components
+    if cause is None or previous is None or previous == band or band == "yellow":
         return []
-    name = TriggerName.HEALTH_RED if h.band == "red" else TriggerName.HEALTH_GREEN
-    worst = min(h.components.items(), key=lambda kv: kv[1].value)
-    reason = f"health {h.score:.0f} ({previous} → {h.band}); weakest: {worst[0]}: {worst[1].reason}"
+    name = TriggerName.HEALTH_RED if band == "red" else TriggerName.HEALTH_GREEN
+    worst_name, worst = min(components.items(), key=lambda kv: kv[1]["value"])
+    reason = f"health {score:.0f} ({previous} → {band}); weakest: {worst_name}: {worst['reason']}"
     trigger = caused_by(name, reason, cause)
     return [trigger.model_copy(update={"user_id": None})]

@@ -71,3 +71,8 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def ready(self) -> bool:
         """Whether the log is reachable right now (for /readyz)."""
+
+    async def purge(self, before_ms: int, limit: int) -> int:
+        """Delete up to ``limit`` records published before ``before_ms``; returns how many. A
+        broker that enforces retention itself (Kafka's ``retention.ms``) has nothing to do."""
+        return 0

@@ -184,6 +184,20 @@ class EmbeddedBus(Bus):
             )
             await db.commit()
 
+    async def purge(self, before_ms: int, limit: int) -> int:
+        """The retention of the embedded log. The newest record of each topic is kept: the next
+        offset is read back from it on start, and offsets must never be handed out twice."""
+        db = self._conn()
+        async with self._lock:
+            cur = await db.execute(
+                "DELETE FROM records WHERE rowid IN (SELECT r.rowid FROM records r "
+                'WHERE r.ts < ? AND r."offset" < (SELECT MAX("offset") FROM records m '
+                "WHERE m.topic = r.topic) LIMIT ?)",
+                (before_ms, limit),
+            )
+            await db.commit()
+        return max(0, cur.rowcount)
+
     def consumer(self, topics: Sequence[str], group: str) -> Consumer:
         return EmbeddedConsumer(self, topics, group)
 

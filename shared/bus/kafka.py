@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -82,11 +82,14 @@ class KafkaBus(Bus):
         partitions: int = 3,
         topics: Sequence[str] = (),
         request_timeout_ms: int = 15_000,
+        topic_configs: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self._bootstrap = bootstrap
         self._client_id = client_id
         self._partitions = partitions
         self._topics = list(topics)
+        # Per topic, set when NBV creates it (e.g. the events topic's retention.ms).
+        self._topic_configs = {t: dict(c) for t, c in (topic_configs or {}).items()}
         self._request_timeout_ms = request_timeout_ms
         self._producer: AIOKafkaProducer | None = None
         # The producer a failed publish may have wedged; replaced before the next send.
@@ -161,7 +164,12 @@ class KafkaBus(Bus):
         try:
             existing = set(await admin.list_topics())
             missing = [
-                NewTopic(name=t, num_partitions=self._partitions, replication_factor=1)
+                NewTopic(
+                    name=t,
+                    num_partitions=self._partitions,
+                    replication_factor=1,
+                    topic_configs=self._topic_configs.get(t, {}),
+                )
                 for t in self._topics
                 if t not in existing
             ]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
@@ -24,20 +26,51 @@ from shared.store.models import Base
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
+_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+# Pooled connections are replaced at this age, so one that a firewall or proxy silently dropped
+# while idle is not used for long (see create_engine on why there is no pre-ping).
+POOL_RECYCLE_S = 1800
+
+
+def json_dumps(value: Any) -> str:
+    """JSON columns' serializer: orjson (the decision log's candidates are the hot write),
+    falling back to the standard library for what orjson refuses (integers over 64 bits)."""
+    try:
+        return orjson.dumps(value, option=_ORJSON_OPTIONS).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value)
+
+
+def json_loads(text: str | bytes) -> Any:
+    """JSON columns' deserializer (the views are read on every decision), with the same
+    fallback for numbers orjson cannot hold."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def create_engine(url: str) -> AsyncEngine:
     parsed = make_url(url)
+    json_codec: dict[str, Any] = {"json_serializer": json_dumps, "json_deserializer": json_loads}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         # One writer at a time is SQLite's rule; a generous busy timeout queues writers.
-        return create_async_engine(url, connect_args={"timeout": 30})
+        return create_async_engine(url, connect_args={"timeout": 30}, **json_codec)
+    # No pool_pre_ping: with asyncpg it costs three round trips (BEGIN, a ping, ROLLBACK) per
+    # checkout, more than a decision's own queries. A connection that died (PostgreSQL
+    # restarted) fails its first statement instead; SQLAlchemy then invalidates the whole pool,
+    # so the next checkouts reconnect, and the failure is transient everywhere: an HTTP 503 the
+    # client retries (docs/reliability.md), a consumer batch retried by the worker.
     return create_async_engine(
         url,
         pool_size=10,
         max_overflow=10,
-        pool_pre_ping=True,
+        pool_recycle=POOL_RECYCLE_S,
         pool_timeout=10,
         connect_args={"timeout": 10, "command_timeout": 30},
+        **json_codec,
     )
 
 

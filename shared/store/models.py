@@ -69,7 +69,8 @@ class ProcessedEvent(Base):
     __tablename__ = "processed_events"
     consumer: Mapped[str] = mapped_column(String(50), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
-    processed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Indexed for the raw-event retention purge (services/ingest/retention.py).
+    processed_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class UserView(Base):
@@ -314,3 +315,73 @@ class UserAccount(Base):
     user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     account_id: Mapped[str] = mapped_column(String(200))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelVersion(Base):
+    """A trained ranker in the registry. The artifact itself (LightGBM's text format) lives
+    here, so every decision replica on any host loads the same model from the store."""
+
+    __tablename__ = "model_versions"
+    version: Mapped[str] = mapped_column(String(100), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    registered_by: Mapped[str] = mapped_column(String(200))
+    trained_at: Mapped[datetime | None]
+    data_from: Mapped[datetime | None]
+    data_until: Mapped[datetime | None]
+    features: Mapped[list[Any]]
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # Deferred: listing versions must not drag megabytes of trees over the wire.
+    model_text: Mapped[str] = mapped_column(Text, deferred=True)
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    # candidate (never served) | champion | challenger | retired (served before, not now)
+    status: Mapped[str] = mapped_column(String(20), default="candidate")
+
+
+class ModelAssignment(Base):
+    """Which models serve: one row per change, the highest id in force. The history says who
+    changed what and when, and lets a rollback find the champion that came before."""
+
+    __tablename__ = "model_assignments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    # None: the rule prior.
+    champion: Mapped[str | None] = mapped_column(String(100))
+    challenger: Mapped[str | None] = mapped_column(String(100))
+    challenger_share: Mapped[float] = mapped_column(Float, default=0.0)
+    # Hashed with the user id to route a stable share of people to the challenger.
+    salt: Mapped[str] = mapped_column(String(200), default="")
+    action: Mapped[str] = mapped_column(String(20))
+    changed_by: Mapped[str] = mapped_column(String(200))
+    changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    # The assignment whose champion a rollback restores (None: back to the rule prior).
+    rollback_to: Mapped[int | None] = mapped_column(Integer)
+
+
+class Erasure(Base):
+    """The erasure ledger: who was erased (``DELETE /v1/users/{id}``), by pseudonym only, so
+    the projector can drop their events when the topic is replayed (docs/privacy.md)."""
+
+    __tablename__ = "erasures"
+    # HMAC-SHA256 of the user id (services/ingest/erasure.py), never the id itself.
+    pseudonym: Mapped[str] = mapped_column(String(100), primary_key=True)
+    erased_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key (shared/access). Only the SHA-256 of the key is kept: the key itself is shown
+    once, when it is created. ``scopes`` lists shared.access.scopes.Scope values."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    # The key's first characters, to recognise it in a list ("nbv_sk_AbC123…").
+    prefix: Mapped[str] = mapped_column(String(20))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[Any]]
+    # Requests per second (per process); None: NBV_RATE_LIMIT_PER_S.
+    rate_limit: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+    # Updated at most once a minute per process, off the request path.
+    last_used_at: Mapped[datetime | None]

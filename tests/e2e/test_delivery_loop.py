@@ -22,7 +22,7 @@ from tests.delivery_support import (
     serve,
 )
 from tests.factories import event_json
-from tests.harness import ServiceProcess, eventually, free_port
+from tests.harness import ServiceProcess, auth_headers, eventually, free_port
 
 pytestmark = pytest.mark.integration
 PUBLIC = "https://nbv.example.test"  # behind a gateway; the test talks to the process directly
@@ -85,7 +85,7 @@ async def test_email_webhook_and_card_responses_change_the_next_decision(
 
 
 async def _loop(url: str, smtp: SmtpSink, receiver: WebhookReceiver) -> None:
-    async with httpx.AsyncClient(timeout=15) as http:
+    async with httpx.AsyncClient(timeout=15, headers=auth_headers()) as http:
         events = [
             event_json(
                 "user.identify", {"role": "champion", "email": "ana@example.com", "name": "Ana"}

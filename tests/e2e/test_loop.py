@@ -18,7 +18,7 @@ import pytest
 
 from shared.settings import Settings
 from tests.factories import event_json
-from tests.harness import NBV, ServiceProcess, eventually
+from tests.harness import NBV, ServiceProcess, auth_headers, eventually
 
 
 @dataclass
@@ -77,7 +77,7 @@ async def scaled_out(kafka_settings: Settings, tmp_path: Path) -> AsyncIterator[
 
 
 async def _loop(d: Deployment) -> None:
-    async with httpx.AsyncClient(timeout=15) as http:
+    async with httpx.AsyncClient(timeout=15, headers=auth_headers()) as http:
         # Malformed input is refused with the field named, and nothing is published.
         bad = await http.post(
             f"{d.ingest}/v1/events",

@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from shared.settings import Settings
 from tests.delivery_support import delivery_settings, nbv
 from tests.factories import event_json
-from tests.harness import eventually
+from tests.harness import auth_headers, eventually
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -116,7 +116,7 @@ async def test_widget_shows_the_card_and_reports_back(
     settings = delivery_settings(embedded_settings)
     async with (
         nbv(settings) as app,
-        httpx.AsyncClient(timeout=10) as http,
+        httpx.AsyncClient(timeout=10, headers=auth_headers()) as http,
         browser(tmp_path) as page,
     ):
         events = [
@@ -130,9 +130,15 @@ async def test_widget_shows_the_card_and_reports_back(
             lambda: http.get(f"{app.url}/v1/users/w1/view"), lambda r: r.status_code == 200
         )
 
+        # The customer's backend mints a publishable key for w1; the page holds only that.
+        minted = await http.post(f"{app.url}/v1/widget/keys", json={"user_id": "w1", "ttl_s": 600})
+        assert minted.status_code == 201, minted.text
+        widget_key = minted.json()["key"]
+        assert widget_key.startswith("nbv_pk_")
+
         # The page is open before the decision: the card arrives live over the stream.
         await page.call("Page.enable")
-        await page.call("Page.navigate", url=f"{app.url}/widget/demo?user_id=w1")
+        await page.call("Page.navigate", url=f"{app.url}/widget/demo?key={widget_key}")
         await eventually(
             lambda: page.js("!!window.NBVWidget"), bool, what="widget loaded", timeout=20
         )

@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from tests.harness import ServiceProcess
+from tests.harness import ServiceProcess, auth_headers
 
 
 class FaultInfra:
@@ -145,16 +145,16 @@ class Publisher:
             await asyncio.sleep(0.2)
 
     async def publish(self, total: int) -> None:
-        async with httpx.AsyncClient(timeout=20) as client:
+        async with httpx.AsyncClient(timeout=20, headers=auth_headers()) as client:
             for start in range(0, total, self.batch):
                 await self.send(client, track_events(min(self.batch, total - start)))
 
     async def send_events(self, events: list[dict[str, Any]]) -> None:
-        async with httpx.AsyncClient(timeout=20) as client:
+        async with httpx.AsyncClient(timeout=20, headers=auth_headers()) as client:
             await self.send(client, events)
 
     async def run_until_stopped(self) -> None:
-        async with httpx.AsyncClient(timeout=20) as client:
+        async with httpx.AsyncClient(timeout=20, headers=auth_headers()) as client:
             while not self.stop.is_set():
                 await self.send(client, track_events(self.batch))
                 if self.pause_s:

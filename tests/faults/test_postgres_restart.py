@@ -17,7 +17,7 @@ from tests.faults.support import (
     start_ingest,
     wait_for_view,
 )
-from tests.harness import eventually
+from tests.harness import auth_headers, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ async def test_postgres_restart_not_ready_then_recovers_nothing_lost(
     publisher = Publisher(proc.url, batch=50, pause_s=0.02)
     steady = asyncio.create_task(publisher.run_until_stopped())
     try:
-        async with httpx.AsyncClient(timeout=10) as http:
+        async with httpx.AsyncClient(timeout=10, headers=auth_headers()) as http:
 
             async def readyz() -> httpx.Response:
                 return await http.get(f"{proc.url}/readyz")

@@ -16,8 +16,8 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 
+from models import registry_store
 from models.features import FEATURES, INDEX
-from models.ranker import promote, save_model
 from models.train import train_ranker, training_meta
 from services.decision.playbook_runs import STEP_JOB
 from services.decision.service import DecisionService
@@ -27,7 +27,7 @@ from shared.http import create_app
 from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.store.models import AccountView, ChannelPreference, ScheduledJob, UserView
-from tests.harness import eventually
+from tests.harness import auth_headers, eventually
 
 NOW = datetime.now(UTC)
 
@@ -108,7 +108,9 @@ async def running(settings: Settings) -> AsyncIterator[Running]:
     async with app.router.lifespan_context(app):
         await _seed(rt)
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://nbv") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://nbv", headers=auth_headers()
+        ) as http:
             yield Running(http, service, rt)
 
 
@@ -320,9 +322,11 @@ async def test_a_promoted_model_is_swapped_in_and_explains_itself(running: Runni
     rng = np.random.default_rng(0)
     x = rng.random((600, len(FEATURES)))
     y = (x[:, INDEX["value_weight"]] > 0.6).astype(float)
-    registry = running.runtime.settings.model_dir
-    save_model(train_ranker(x, y, [6] * 100, num_trees=20), registry, "m1", training_meta(600, 100))
-    promote(registry, "m1")
+    booster = train_ranker(x, y, [6] * 100, num_trees=20)
+    meta = {**training_meta(600, 100), "features": list(FEATURES)}
+    async with running.runtime.sessions() as session, session.begin():
+        await registry_store.register(session, "m1", booster.model_to_string(), meta, by="test")
+        await registry_store.promote(session, "m1", by="test")
 
     async def version() -> str:
         return str((await _nbv(running, "u-champ"))["model_version"])
@@ -331,7 +335,7 @@ async def test_a_promoted_model_is_swapped_in_and_explains_itself(running: Runni
     answer = await _nbv(running, "u-buyer")
     assert answer["items"] and "business value" in answer["items"][0]["reason"]
     metrics = (await running.http.get("/metrics")).text
-    assert 'nbv_model_info{kind="lightgbm",version="m1"} 1.0' in metrics
+    assert 'nbv_model_info{kind="lightgbm",role="champion",version="m1"} 1.0' in metrics
     assert 'version="rules-v1"' not in metrics.split("nbv_model_info", 1)[1].split("# HELP")[0]
 
 

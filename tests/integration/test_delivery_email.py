@@ -18,7 +18,7 @@ from shared.settings import Settings
 from shared.store.models import Intervention
 from tests.delivery_support import SmtpSink, decision, delivery_settings, nbv, publish_decisions
 from tests.factories import event_json
-from tests.harness import eventually
+from tests.harness import auth_headers, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ async def test_email_arrives_once_with_tracked_links_and_unsubscribe(
     kafka_settings: Settings, smtp: SmtpSink
 ) -> None:
     settings = delivery_settings(kafka_settings, smtp_port=smtp.port)
-    async with nbv(settings) as app, httpx.AsyncClient(timeout=10) as http:
+    async with nbv(settings) as app, httpx.AsyncClient(timeout=10, headers=auth_headers()) as http:
         identify = event_json(
             "user.identify", {"email": "ana@example.com", "name": "Ana Lima", "role": "admin"}
         )

@@ -19,7 +19,7 @@ from shared.store.db import upsert
 from shared.store.models import ValueElementRow
 from tests.delivery_support import SmtpSink, decision, delivery_settings, nbv, publish_decisions
 from tests.factories import event_json
-from tests.harness import eventually
+from tests.harness import auth_headers, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ async def _delivery(http: httpx.AsyncClient, url: str, decision_id: str) -> dict
 
 async def test_preferences_decide_the_channel(kafka_settings: Settings, smtp: SmtpSink) -> None:
     settings = delivery_settings(kafka_settings, smtp_port=smtp.port)
-    async with nbv(settings) as app, httpx.AsyncClient(timeout=10) as http:
+    async with nbv(settings) as app, httpx.AsyncClient(timeout=10, headers=auth_headers()) as http:
         prefs_url = f"{app.url}/v1/users/u1/preferences"
         assert (await http.get(prefs_url)).json()["channels"] == {}
         bad = await http.put(
@@ -123,7 +123,7 @@ async def test_preferences_decide_the_channel(kafka_settings: Settings, smtp: Sm
 
 async def test_inbox_stream_pushes_cards_as_they_land(kafka_settings: Settings) -> None:
     settings = delivery_settings(kafka_settings)
-    async with nbv(settings) as app, httpx.AsyncClient(timeout=10) as http:
+    async with nbv(settings) as app, httpx.AsyncClient(timeout=10, headers=auth_headers()) as http:
         events: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
 
         async def listen() -> None:

@@ -17,7 +17,7 @@ from shared.settings import Settings
 from shared.store.db import migrate
 from shared.store.models import Delivery, ScheduledJob, UserView
 from tests.delivery_support import SmtpSink, decision, delivery_settings, nbv
-from tests.harness import eventually
+from tests.harness import auth_headers, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +87,7 @@ async def test_a_pending_send_left_by_a_crash_goes_out_after_restart(
         )
     await engine.dispose()
 
-    async with nbv(settings) as app, httpx.AsyncClient(timeout=10) as http:
+    async with nbv(settings) as app, httpx.AsyncClient(timeout=10, headers=auth_headers()) as http:
 
         async def status() -> str:
             return str((await http.get(f"{app.url}/v1/deliveries/{key}")).json()["status"])

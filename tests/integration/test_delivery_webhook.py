@@ -22,7 +22,7 @@ from tests.delivery_support import (
     serve,
 )
 from tests.factories import event_json
-from tests.harness import NBV, eventually, free_port
+from tests.harness import NBV, auth_headers, eventually, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,7 @@ async def test_alerts_arrive_exactly_once_after_an_outage(
     hook, hook_url = receiver
     settings = delivery_settings(kafka_settings, csm_webhook_url=hook_url)
     users = [f"u{i}" for i in range(5)]
-    async with nbv(settings) as app, httpx.AsyncClient(timeout=10) as http:
+    async with nbv(settings) as app, httpx.AsyncClient(timeout=10, headers=auth_headers()) as http:
         await _identify(http, app.url, users)
         decisions = [
             decision(
@@ -95,7 +95,7 @@ async def test_dead_alerts_are_listed_and_replayed_once(
         delivery_max_attempts=2,
         delivery_retry_base_s=0.05,
     )
-    async with nbv(settings) as app, httpx.AsyncClient(timeout=10) as http:
+    async with nbv(settings) as app, httpx.AsyncClient(timeout=10, headers=auth_headers()) as http:
         await _identify(http, app.url, ["u1", "u2"])
         await publish_decisions(
             app.settings,

@@ -12,9 +12,8 @@ import httpx
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from models.features import FEATURES
-from models.ranker import promote
 from models.simulator.driver import simulate
-from tests.harness import ServiceProcess, eventually
+from tests.harness import TEST_ADMIN_KEY, ServiceProcess, auth_headers, eventually
 
 NBV = [sys.executable, "-m", "services.cli"]
 
@@ -46,7 +45,7 @@ async def test_export_train_evaluate_promote(tmp_path: Path) -> None:
     proc = ServiceProcess(["run"], env, tmp_path, "nbv")
     try:
         await proc.wait_ready()
-        weeks, sim = await simulate(proc.url, accounts=4, weeks=2, seed=4)
+        weeks, sim = await simulate(proc.url, accounts=4, weeks=2, seed=4, api_key=TEST_ADMIN_KEY)
         assert sum(w.decisions for w in weeks) > 20
         assert all(s.model_version == "rules-v1" for s in sim.shown)
 
@@ -79,7 +78,7 @@ async def test_export_train_evaluate_promote(tmp_path: Path) -> None:
                 env,
             )
         )
-        assert trained["version"] == "lgbm-test"
+        assert trained["version"] == "lgbm-test" and trained["registered"] is True
         report = json.loads(
             _nbv(
                 [
@@ -105,9 +104,16 @@ async def test_export_train_evaluate_promote(tmp_path: Path) -> None:
         assert (folder / "feature_importance.png").stat().st_size > 1000
         assert (folder / "off_policy.png").stat().st_size > 1000
 
-        promote(registry, "lgbm-test")
+        # Train registered it in the store; evaluate attached its report there too.
+        listed = json.loads(_nbv(["model", "list", "--json"], env))
+        [row] = listed["versions"]
+        assert (row["version"], row["status"]) == ("lgbm-test", "candidate")
+        assert row["headline"]["dr"] == op["dr"]["estimate"]
+        assert "now serving: champion lgbm-test" in _nbv(["model", "promote", "lgbm-test"], env)
         user = sim.shown[0].user_id
-        async with httpx.AsyncClient(base_url=proc.url, timeout=10) as client:
+        async with httpx.AsyncClient(
+            base_url=proc.url, timeout=10, headers=auth_headers()
+        ) as client:
 
             async def served() -> str:
                 r = await client.get("/v1/next-best-value", params={"user_id": user})

@@ -20,7 +20,14 @@ import pytest
 
 from shared.settings import Settings
 from tests.factories import event_json
-from tests.harness import NBV, ServiceProcess, eventually, free_port
+from tests.harness import (
+    NBV,
+    TEST_ADMIN_KEY,
+    ServiceProcess,
+    auth_headers,
+    eventually,
+    free_port,
+)
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -71,7 +78,7 @@ async def test_one_request_id_finds_the_events_story_in_the_logs(nbv: ServicePro
         # A detractor: the projector turns it into a trigger for the decision consumer.
         event_json("survey.nps", {"score": 2}, account=account),
     ]
-    async with httpx.AsyncClient(timeout=15) as http:
+    async with httpx.AsyncClient(timeout=15, headers=auth_headers()) as http:
         response = await http.post(
             f"{nbv.url}/v1/events/batch",
             json={"events": events},
@@ -105,6 +112,9 @@ async def test_one_request_id_finds_the_events_story_in_the_logs(nbv: ServicePro
     text = nbv.log_path.read_text(errors="replace")
     assert EMAIL not in text
     assert "@example.com" not in text
+    # Every request carried the admin key; no log line holds it, or any part of a key.
+    assert TEST_ADMIN_KEY not in text
+    assert "nbv_sk_" not in text
 
 
 def _promtool_check(exposition: str) -> subprocess.CompletedProcess[str]:
@@ -159,7 +169,7 @@ def _prometheus(tmp_path: Path, target: str) -> Iterator[tuple[subprocess.Popen[
 async def test_metrics_pass_promtool_and_a_real_prometheus_scrapes_them(
     nbv: ServiceProcess, tmp_path: Path
 ) -> None:
-    async with httpx.AsyncClient(timeout=15) as http:
+    async with httpx.AsyncClient(timeout=15, headers=auth_headers()) as http:
         ingested = await http.post(
             f"{nbv.url}/v1/events",
             json=event_json("product.track", {"event": "page_viewed", "feature_area": "core"}),
@@ -240,7 +250,7 @@ async def test_scaled_out_on_kafka_ids_cross_services_and_every_metrics_is_clean
         await asyncio.gather(*(p.wait_ready() for p in procs.values()))
         request_id = f"kafka-{uuid.uuid4().hex[:12]}"
         account = f"acct-{request_id}"
-        async with httpx.AsyncClient(timeout=15) as http:
+        async with httpx.AsyncClient(timeout=15, headers=auth_headers()) as http:
             response = await http.post(
                 f"{procs['ingest'].url}/v1/events/batch",
                 json={"events": [event_json("survey.nps", {"score": 1}, account=account)]},

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 
 from services.app import build_app
 from shared.settings import Settings
-from tests.harness import ServiceProcess
+from tests.harness import ServiceProcess, auth_headers
 
 # A real server, no infrastructure: runs wherever the unit tests run.
 # Per operation; a whole-schema pass stays within the suite's time budget.
@@ -38,6 +38,8 @@ async def nbv_app(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ser
         "NBV_MAX_BODY_BYTES": str(256 * 1024),
         # Configured, so the webhook answers bad signatures (400) rather than "not set" (503).
         "NBV_STRIPE_WEBHOOK_SECRET": "whsec_fuzz",
+        # Configured, so DELETE /v1/users/{id} erases rather than answering "not set" (503).
+        "NBV_PSEUDONYM_SECRET": "pseudonyms-fuzz",
     }
     proc = ServiceProcess(["run"], env, tmp, "nbv")
     try:
@@ -48,9 +50,12 @@ async def nbv_app(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ser
 
 
 def _check(case: Any) -> None:
-    response = case.call(timeout=15)
+    # The bootstrap admin key: every operation is reached past access control (which has its
+    # own tests, tests/integration/test_access.py), whatever credentials the case generated.
+    response = case.call(headers=auth_headers(), timeout=15)
     where = f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:500]}"
     assert response.status_code < 500, where
+    assert response.status_code not in (401, 403), f"access control stopped the case: {where}"
     if 400 <= response.status_code < 500:
         try:
             body = json.loads(response.content)
@@ -128,6 +133,6 @@ async def test_segment_far_apart_timestamps_are_a_4xx(nbv_app: ServiceProcess) -
         "timestamp": "0529-01-01T00:00:00Z",
         "sentAt": "2555-01-01T00:00:00Z",
     }
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx.AsyncClient(timeout=10, headers=auth_headers()) as http:
         r = await http.post(f"{nbv_app.url}/v1/segment/track", json=message)
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])

@@ -13,9 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import ServiceProcess
+from tests.harness import TEST_ADMIN_KEY, ServiceProcess, auth_headers
 
 LIMIT = 64 * 1024
+AUTH = b"Authorization: Bearer %s\r\n" % TEST_ADMIN_KEY.encode()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,8 @@ async def test_declared_content_length_over_limit_is_413_without_reading_the_bod
     the body was sent: the server cannot have buffered it."""
     head = (
         b"POST /v1/events/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (100 * 1024 * 1024)
+        + AUTH
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (100 * 1024 * 1024)
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", small_limit_app.port)
     writer.write(head)
@@ -101,7 +103,8 @@ async def test_chunked_body_over_limit_is_cut_off_with_413(
     body streams can answer (one that buffered the body first would wait, and time out)."""
     head = (
         b"POST /v1/events/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
+        + AUTH
+        + b"Transfer-Encoding: chunked\r\n\r\n"
     )
     chunks = [b"[" + b" " * 8191] + [b" " * 8192] * (LIMIT // 8192)
     status, body = await _raw(small_limit_app.port, head, chunks)
@@ -114,7 +117,7 @@ async def test_body_under_limit_is_accepted(small_limit_app: ServiceProcess) -> 
     """The limit refuses only what is over it: a batch just under it is accepted."""
     events = _events(20, pad=1_000)
     assert len(json.dumps({"events": events})) < LIMIT
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx.AsyncClient(timeout=10, headers=auth_headers()) as http:
         r = await http.post(f"{small_limit_app.url}/v1/events/batch", json={"events": events})
     assert r.status_code == 202, r.text
     assert r.json()["accepted"] == 20
@@ -125,7 +128,7 @@ async def test_batch_over_the_event_limit_is_413_and_says_so(
 ) -> None:
     """Invariant: a batch of more events than allowed is a 413 (a size problem the client
     fixes by splitting), with the field and the limit in the body; one at the limit is not."""
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, headers=auth_headers()) as http:
         # Small events, so the count limit trips before the byte limit would.
         tiny = [{"type": "product.track"}] * 1_001
         r = await http.post(f"{small_limit_app.url}/v1/events/batch", json={"events": tiny})

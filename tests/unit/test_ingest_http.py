@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from services.ingest.adapters.stripe import sign
 from shared.settings import Settings
 from shared.store.models import ProcessedEvent
+from tests.harness import TEST_ADMIN_KEY
 from tests.ingest_support import Ingest, ingest
 
 SECRET = "whsec_unit"
@@ -34,7 +35,7 @@ async def test_segment_group_then_track_without_group_id(embedded_settings: Sett
         r = await ing.http.post(
             "/v1/segment/group",
             json={"userId": "u1", "groupId": "acme", "traits": {"name": "Acme"}},
-            auth=("write-key", ""),
+            auth=(TEST_ADMIN_KEY, ""),
         )
         assert r.status_code == 200 and r.json()["success"] is True
         r = await ing.http.post(

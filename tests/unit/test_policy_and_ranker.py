@@ -7,14 +7,7 @@ import numpy as np
 import pytest
 
 from models.features import FEATURES, INDEX, Context, ElementFacts, build_matrix
-from models.ranker import (
-    LightGBMRanker,
-    ModelError,
-    RulePrior,
-    load_champion,
-    promote,
-    save_model,
-)
+from models.ranker import LightGBMRanker, ModelError, RulePrior, load_model, save_model
 from models.train import train_ranker, training_meta
 from services.decision.policy import EpsilonGreedy
 
@@ -81,7 +74,7 @@ def test_rule_prior_prefers_stage_fit_and_human_touch_for_detractors() -> None:
     assert call > guide
 
 
-def test_trained_model_saves_promotes_loads_and_ranks(tmp_path: Path) -> None:
+def test_trained_model_saves_loads_and_ranks(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     groups = [6] * 150
     x = rng.random((sum(groups), len(FEATURES)))
@@ -89,9 +82,7 @@ def test_trained_model_saves_promotes_loads_and_ranks(tmp_path: Path) -> None:
     y = (x[:, INDEX["value_weight"]] > 0.6).astype(float)
     booster = train_ranker(x, y, groups, num_trees=30)
     save_model(booster, tmp_path, "m1", training_meta(len(y), len(groups)))
-    assert isinstance(load_champion(tmp_path), RulePrior)  # not promoted yet
-    promote(tmp_path, "m1")
-    ranker = load_champion(tmp_path)
+    ranker = load_model(tmp_path, "m1")
     assert isinstance(ranker, LightGBMRanker) and ranker.version == "m1"
     probe = np.zeros((2, len(FEATURES)))
     probe[0, INDEX["value_weight"]] = 0.9
@@ -101,13 +92,12 @@ def test_trained_model_saves_promotes_loads_and_ranks(tmp_path: Path) -> None:
 
 
 def test_a_model_for_other_features_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ModelError):
-        promote(tmp_path, "missing")
+    with pytest.raises(ModelError, match="no model 'missing'"):
+        load_model(tmp_path, "missing")
     x = np.random.default_rng(1).random((40, len(FEATURES)))
     booster = train_ranker(x, (x[:, 0] > 0.5).astype(float), [10] * 4, num_trees=3)
     folder = save_model(booster, tmp_path, "old", {})
     meta = folder / "meta.json"
     meta.write_text(meta.read_text().replace('"rule_score"', '"something_else"'))
-    promote(tmp_path, "old")
-    with pytest.raises(ModelError, match="other features"):
-        load_champion(tmp_path)
+    with pytest.raises(ModelError, match="other features than this code builds: it lacks"):
+        load_model(tmp_path, "old")

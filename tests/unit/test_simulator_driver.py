@@ -12,27 +12,50 @@ from models.simulator.driver import Simulation
 
 
 class ScriptedApi:
-    """Answers like NBV would: a fixed list of eligible in-app cards for everyone."""
+    """Answers like NBV would, with a fixed ranking of in-app cards: an element is offered
+    while it is neither achieved nor dismissed nor still open in the person's inbox (a snooze
+    closes the card here: the scripted inbox never brings it back)."""
 
     def __init__(self, items: list[str]) -> None:
         self.items = items
         self.responses: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.decisions = 0
+        self.limits: list[int] = []
+        # user -> element -> (decision id, status), newest decision last
+        self.cards: dict[str, dict[str, tuple[str, str]]] = {}
+        self.open_at_decision: list[int] = []
+        self.offered: dict[str, list[str]] = {}
+
+    def _open(self, user: str) -> list[tuple[str, str]]:
+        mine = self.cards.get(user, {})
+        return [
+            (d, e) for e, (d, status) in mine.items() if status in ("pending", "shown", "clicked")
+        ]
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/events/batch":
+        path = request.url.path
+        if path == "/v1/events/batch":
             self.events.extend(json.loads(request.content)["events"])
             return httpx.Response(202, json={"accepted": 0, "ids": []})
-        if request.url.path == "/v1/next-best-value":
+        if path == "/v1/next-best-value":
             self.decisions += 1
+            user = request.url.params["user_id"]
             limit = int(request.url.params["limit"])
-            chosen = self.items[:limit]
+            self.limits.append(limit)
+            self.open_at_decision.append(len(self._open(user)))
+            mine = self.cards.setdefault(user, {})
+            eligible = [e for e in self.items if e not in mine or mine[e][1] == "snoozed"]
+            chosen = eligible[:limit]
+            decision = f"d{self.decisions}"
+            self.offered[decision] = chosen
+            for e in chosen:
+                mine[e] = (decision, "pending")
             return httpx.Response(
                 200,
                 json={
-                    "decision_id": f"d{self.decisions}",
-                    "user_id": request.url.params["user_id"],
+                    "decision_id": decision,
+                    "user_id": user,
                     "model_version": "rules-v1",
                     "items": [
                         {"element_id": e, "rank": i + 1, "propensity": 1.0 if i == 0 else 0.0}
@@ -40,8 +63,19 @@ class ScriptedApi:
                     ],
                 },
             )
-        if request.url.path == "/v1/responses":
-            self.responses.append(json.loads(request.content))
+        if path.endswith("/inbox"):
+            user = path.split("/")[3]
+            items = [{"decision_id": d, "element_id": e} for d, e in reversed(self._open(user))]
+            return httpx.Response(200, json={"user_id": user, "items": items})
+        if path == "/v1/responses":
+            body = json.loads(request.content)
+            self.responses.append(body)
+            mine = self.cards.get(body["user_id"], {})
+            card = mine.get(body["element_id"])
+            if card is None or card[0] != body["decision_id"]:
+                return httpx.Response(404)
+            if card[1] not in ("completed", "dismissed"):
+                mine[body["element_id"]] = (card[0], body["outcome"])
             return httpx.Response(202, json={"event_id": "x", "status": "accepted"})
         return httpx.Response(404)
 
@@ -61,45 +95,58 @@ async def _run(policy: str, cards: int = 3) -> tuple[ScriptedApi, Simulation]:
     return api, sim
 
 
-async def test_api_policy_shows_the_top_cards_and_reports_every_response() -> None:
+async def test_the_widget_fills_its_free_slots_and_reports_what_people_do() -> None:
     api, sim = await _run("api")
-    assert sim.shown and {s.element_id for s in sim.shown} == {ITEMS[0]}
-    assert all(s.propensity == 1.0 for s in sim.shown)
-    outcomes = Counter(r["outcome"] for r in api.responses)
-    # Every card is reported shown, then exactly one follow-up; at most one card is acted on.
-    assert outcomes["shown"] == 3 * len(sim.shown)
-    follow_ups = sum(outcomes[o] for o in ("completed", "clicked", "dismissed", "snoozed"))
-    assert follow_ups == 3 * len(sim.shown)
-    acted = Counter(
-        r["decision_id"] for r in api.responses if r["outcome"] in ("completed", "clicked")
+    assert sim.shown
+    # NBV is only asked for the slots the open cards leave free.
+    assert all(
+        0 < limit <= 3 - open_
+        for limit, open_ in zip(api.limits, api.open_at_decision, strict=True)
     )
-    assert acted and max(acted.values()) == 1
+    assert any(limit < 3 for limit in api.limits)
+    outcomes = Counter(r["outcome"] for r in api.responses)
+    # Each card is reported shown once; every other response is something the person did.
+    shown = Counter(
+        (r["decision_id"], r["element_id"]) for r in api.responses if r["outcome"] == "shown"
+    )
+    assert shown and max(shown.values()) == 1
+    assert set(outcomes) <= {"shown", "completed", "clicked", "dismissed", "snoozed"}
+    assert outcomes["completed"] > 0 and outcomes["dismissed"] > 0
+    # The first card of each decision is the top of the ranking among what was offerable, and
+    # its reward is whether it was completed (then, or later from the inbox).
     first_completed = {
-        r["decision_id"]
-        for r in api.responses
-        if r["outcome"] == "completed" and r["element_id"] == ITEMS[0]
+        (r["decision_id"], r["element_id"]) for r in api.responses if r["outcome"] == "completed"
     }
-    assert first_completed == {s.decision_id for s in sim.shown if s.reward == 1.0}
+    for s in sim.shown:
+        assert s.propensity == 1.0
+        assert s.reward == float((s.decision_id, s.element_id) in first_completed)
     achieved = [e for e in api.events if e["id"].endswith(":achieved")]
     assert len(achieved) == outcomes["completed"]
     tours = [e for e in achieved if e["id"].split(":")[1] == ITEMS[0]]
     assert all(e["payload"]["event"] == "tour_completed" for e in tours)
+    # Every event is stamped with the simulation clock's time when it is sent.
+    assert all("time" in e for e in api.events)
 
 
 async def test_random_policy_picks_uniformly_and_snoozes_the_rest() -> None:
     api, sim = await _run("random", cards=1)
     picks = Counter(s.element_id for s in sim.shown)
     assert set(picks) == set(ITEMS)
-    assert all(abs(s.propensity - 1 / len(ITEMS)) < 1e-12 for s in sim.shown)
-    snoozed_unseen = [
-        r
-        for r in api.responses
-        if r["outcome"] == "snoozed"
-        and not any(
-            s.decision_id == r["decision_id"] and s.element_id == r["element_id"] for s in sim.shown
+    for s in sim.shown:
+        offered = api.offered[s.decision_id]
+        assert abs(s.propensity - 1 / len(offered)) < 1e-12
+        # The cards not picked were never seen: put back ("snoozed"), never reported shown.
+        unseen = {
+            r["element_id"]
+            for r in api.responses
+            if r["decision_id"] == s.decision_id and r["element_id"] != s.element_id
+        }
+        assert unseen == set(offered) - {s.element_id}
+        assert all(
+            r["outcome"] == "snoozed"
+            for r in api.responses
+            if r["decision_id"] == s.decision_id and r["element_id"] != s.element_id
         )
-    ]
-    assert len(snoozed_unseen) == len(sim.shown) * (len(ITEMS) - 1)
 
 
 async def test_same_seed_same_events() -> None:

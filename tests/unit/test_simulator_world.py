@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
@@ -12,7 +12,7 @@ from models.export import best_outcome, context_from_features
 from models.features import FEATURES, context_vector
 from models.logdata import LogData
 from models.simulator.driver import library_fits
-from models.simulator.events import onboarding_events, person_week_events
+from models.simulator.events import onboarding_events, person_week
 from models.simulator.world import build_world, new_person, on_completed, respond_probabilities
 from shared.envelope import EVENT_ADAPTER
 
@@ -33,8 +33,11 @@ def test_every_emitted_event_is_accepted_by_the_envelope() -> None:
     world = build_world(1, 4)
     events = [e for acct in world for e in onboarding_events(acct, 1, NOW)]
     for p in world[0].people:
-        events.extend(person_week_events(p, 1, 0, NOW, random.Random(1))[0])
-    assert any(e["type"] == "product.track" for e in events)
+        p.need["core"] = 1.0  # struggling: a support ticket is likely
+        plan = person_week(p, 1, 0, random.Random(1))
+        events.extend(plan.background)
+        events.extend(e for _, session in plan.sessions for e in session)
+    assert {"product.track", "user.identify", "account.group"} <= {e["type"] for e in events}
     for e in events:
         EVENT_ADAPTER.validate_python(e)  # raises on anything ingest would reject
 
@@ -116,9 +119,11 @@ def test_log_queries_are_contiguous_and_split_by_time() -> None:
     assert (data.decided_at >= split).sum() == 2
 
 
-def _served_decision(with_usage: bool) -> tuple[object, np.ndarray, list[str]]:
-    """A decision as the engine logs it under the rule prior, and the matrix it ranked."""
-    from models.features import Context, build_matrix
+def _served_decision(full_log: bool) -> tuple[object, np.ndarray, list[str]]:
+    """A decision as the engine logs it under the rule prior, and the matrix it ranked;
+    ``full_log``: with everything the engine logs now, else as logs written before per-area
+    usage, per-area standing and the offer history were recorded."""
+    from models.features import Context, build_matrix, offer_history, past_outcomes
     from models.ranker import RulePrior
     from services.decision.engine import facts
     from services.decision.library import load_library
@@ -134,9 +139,15 @@ def _served_decision(with_usage: bool) -> tuple[object, np.ndarray, list[str]]:
         open_tickets=1,
         usage_7d=25,
         usage_prev_7d=70,
+        area_sophistication={"core": 0.62, "reporting": 0.2},
+        area_questions={"reporting": 2},
     )
     elements = [e for e in load_library().elements if "champion" in [r.value for r in e.roles]]
     elements = elements[:8]
+    offered = [(elements[0].id, NOW - timedelta(days=9)), (elements[0].id, NOW - timedelta(days=2))]
+    ctx = offer_history(ctx, [*offered, (elements[3].id, NOW - timedelta(hours=5))])
+    library = {e.id: facts(e) for e in load_library().elements}
+    ctx = past_outcomes(ctx, ["create-first-project"], ["basics-quiz", "configure-sso"], library)
     matrix = build_matrix(ctx, [facts(e) for e in elements])
     prior = RulePrior()
     scores = prior.score(matrix)
@@ -146,8 +157,15 @@ def _served_decision(with_usage: bool) -> tuple[object, np.ndarray, list[str]]:
         "features": context_vector(ctx),
         "library_version": 1,
     }
-    if with_usage:
+    if full_log:
         context["feature_usage"] = dict(ctx.feature_usage)
+        context["area_sophistication"] = dict(ctx.area_sophistication)
+        context["area_questions"] = dict(ctx.area_questions)
+        context["offer_history"] = {k: list(v) for k, v in ctx.offer_history.items()}
+        context["area_outcomes"] = {k: list(v) for k, v in ctx.area_outcomes.items()}
+        context["kind_outcomes"] = {k: list(v) for k, v in ctx.kind_outcomes.items()}
+    else:
+        del context["features"]["offers_7d"]  # type: ignore[attr-defined]
     row = DecisionRow(
         id="d1",
         user_id="u1",
@@ -174,20 +192,51 @@ def _served_decision(with_usage: bool) -> tuple[object, np.ndarray, list[str]]:
     return row, matrix, [e.id for e in elements]
 
 
+# Columns a log from before the engine recorded per-area usage, per-area standing and the
+# offer history cannot rebuild: missing (NaN) in the export, never made up.
+NOT_IN_OLD_LOGS = (
+    "area_usage",
+    "area_share",
+    "area_sophistication",
+    "area_questions",
+    "times_offered",
+    "days_since_offered",
+    "offers_7d",
+    "area_achieved",
+    "area_dismissed",
+    "kind_achieved",
+    "kind_dismissed",
+)
+
+
 def test_export_reproduces_the_served_features() -> None:
     from models.export import decision_rows
     from models.features import INDEX
     from services.decision.library import load_library
 
     library = {e.id: e for e in load_library().elements}
-    for with_usage in (False, True):
-        row, served, ids = _served_decision(with_usage)
-        out = decision_rows(row, library, {ids[2]: ["shown", "completed"]})  # type: ignore[arg-type]
-        exported = out.features
-        columns = [j for j in range(len(FEATURES)) if with_usage or j != INDEX["area_usage"]]
-        np.testing.assert_allclose(exported[:, columns], served[:, columns], rtol=1e-9)
-        chosen = [m for m in out.meta if m["shown"]]
-        assert [m["element_id"] for m in chosen] == [ids[2]]
-        assert chosen[0]["label"] == 2 and chosen[0]["reward"] == 1.0
-        assert chosen[0]["propensity"] == 0.8125
-        assert all(m["rank"] == -1 for m in out.meta if not m["shown"])
+    row, served, ids = _served_decision(full_log=True)
+    assert served[0, INDEX["times_offered"]] == 2 and served[3, INDEX["times_offered"]] == 1
+    assert served[0, INDEX["days_since_offered"]] == 2.0
+    # create-first-project achieved and basics-quiz dismissed: core; configure-sso: admin.
+    core = [i for i, e in enumerate(ids) if library[e].feature_area == "core"]
+    assert core and all(served[i, INDEX["area_achieved"]] == 1 for i in core)
+    assert all(served[i, INDEX["area_dismissed"]] == 1 for i in core)
+    guides = [i for i, e in enumerate(ids) if library[e].kind.value == "guide"]
+    assert guides and all(served[i, INDEX["kind_dismissed"]] == 1 for i in guides)
+    out = decision_rows(row, library, {ids[2]: ["shown", "completed"]})  # type: ignore[arg-type]
+    np.testing.assert_allclose(out.features, served, rtol=1e-9)
+    assert all(m["features_exact"] for m in out.meta)
+    chosen = [m for m in out.meta if m["shown"]]
+    assert [m["element_id"] for m in chosen] == [ids[2]]
+    assert chosen[0]["label"] == 2 and chosen[0]["reward"] == 1.0
+    assert chosen[0]["propensity"] == 0.8125
+    assert all(m["rank"] == -1 for m in out.meta if not m["shown"])
+
+    row, served, ids = _served_decision(full_log=False)
+    old = decision_rows(row, library, {}).features  # type: ignore[arg-type]
+    unknown = [INDEX[c] for c in NOT_IN_OLD_LOGS]
+    known = [j for j in range(len(FEATURES)) if j not in unknown]
+    np.testing.assert_allclose(old[:, known], served[:, known], rtol=1e-9)
+    with_area = [i for i, e in enumerate(ids) if library[e].feature_area]
+    assert np.isnan(old[np.ix_(with_area, unknown)]).all()

@@ -2,7 +2,12 @@
  * NBV in-app widget. Drop-in, no build step:
  *
  *   <script src="https://nbv.example.com/widget.js" data-user-id="ana"
- *           data-api="https://nbv.example.com" async></script>
+ *           data-key="nbv_pk_…" data-api="https://nbv.example.com" async></script>
+ *
+ * data-key is a publishable key for that person, minted by your backend (POST /v1/widget/keys
+ * with a decisions:read key): it opens only their inbox, stream, preferences and responses.
+ * Never put a secret key (nbv_sk_…) in a page. A page on another origin than the API needs
+ * its origin in NBV_CORS_ORIGINS.
  *
  * Optional attributes: data-target (CSS selector of the element to render into; default: a
  * container placed right after the script tag), data-max (cards shown at once, default 3).
@@ -15,9 +20,11 @@
   var script = document.currentScript;
   if (!script) { return; }
   var userId = script.getAttribute("data-user-id");
+  var key = script.getAttribute("data-key");
   var api = (script.getAttribute("data-api") || "").replace(/\/+$/, "");
   var max = parseInt(script.getAttribute("data-max") || "3", 10) || 3;
   if (!userId) { console.warn("nbv widget: data-user-id is required"); return; }
+  if (!key) { console.warn("nbv widget: data-key (a publishable key) is required"); return; }
 
   var root;
   var selector = script.getAttribute("data-target");
@@ -50,7 +57,7 @@
   function report(card, outcome) {
     return fetch(api + "/v1/responses", {
       method: "POST",
-      headers: {"content-type": "application/json"},
+      headers: {"content-type": "application/json", "authorization": "Bearer " + key},
       body: JSON.stringify({
         user_id: userId,
         decision_id: card.decision_id,
@@ -157,7 +164,9 @@
     render();
   }
 
-  var source = new EventSource(api + "/v1/users/" + encodeURIComponent(userId) + "/inbox/stream");
+  // EventSource cannot send headers: the stream (only) takes the publishable key as ?key=.
+  var source = new EventSource(api + "/v1/users/" + encodeURIComponent(userId) +
+    "/inbox/stream?key=" + encodeURIComponent(key));
   source.addEventListener("card", function (e) { upsert(JSON.parse(e.data)); });
   source.addEventListener("remove", function (e) { close(JSON.parse(e.data).id); });
   window.NBVWidget = {root: root, cards: cards, close: function () { source.close(); }};

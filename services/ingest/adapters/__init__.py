@@ -7,7 +7,10 @@ which the routes answer with the same 422 body as any validation error.
 
 from __future__ import annotations
 
+import hashlib
+
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from shared.metrics import EVENTS_REJECTED
 
@@ -29,3 +32,10 @@ def unprocessable(exc: Unmappable, source: str) -> JSONResponse:
             "errors": [{"field": exc.field, "message": exc.message, "type": "unmappable"}],
         },
     )
+
+
+def content_id(prefix: str, message: BaseModel) -> str:
+    """The idempotency key of a message sent without an id: a hash of its content, so the
+    source retrying the same body is deduplicated (two identical bodies are one event)."""
+    body = message.model_dump_json(exclude={"id"})
+    return f"{prefix}:{hashlib.sha256(body.encode()).hexdigest()[:40]}"

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict
 
+from services.ingest.adapters import content_id
 from shared.envelope import ContactRoleEvent, ContactRolePayload, Identifier, Role
 
 SOURCE = "crm"
@@ -17,7 +17,8 @@ SOURCE = "crm"
 class ContactChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: Identifier = Field(default_factory=lambda: str(uuid.uuid4()))
+    # Without one, a hash of the body: a retry of the same body is deduplicated.
+    id: Identifier | None = None
     time: AwareDatetime | None = None
     account_id: Identifier
     user_id: Identifier
@@ -29,7 +30,7 @@ class ContactChange(BaseModel):
 
 def to_event(change: ContactChange) -> ContactRoleEvent:
     return ContactRoleEvent(
-        id=change.id,
+        id=change.id or content_id(SOURCE, change),
         source=SOURCE,
         type="crm.contact_role",
         time=change.time or datetime.now(UTC),

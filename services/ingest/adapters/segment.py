@@ -21,11 +21,11 @@ import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.ingest.adapters import Unmappable
 from shared.envelope import (
@@ -177,7 +177,7 @@ def _identify_payload(traits: Mapping[str, Any], context: Mapping[str, Any]) -> 
         email=str(traits["email"]) if traits.get("email") else None,
         name=str(name) if name else None,
         # A role outside NBV's (e.g. a job title) is not NBV's role: left unset.
-        role=Role(role) if role in _ROLES else None,
+        role=Role(role) if isinstance(role, str) and role in _ROLES else None,
         timezone=str(timezone) if timezone else None,
     )
 
@@ -199,6 +199,17 @@ def to_event(
         "account_id": account_of(message, ctx, known),
         "user_id": user_of(message),
     }
+    try:
+        return _mapped(message, ctx, common)
+    except ValidationError as exc:
+        # A value the envelope bounds (a 300-character name…): the sender's field, named.
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        prefix = "traits." if isinstance(message, IdentifyMessage | GroupMessage) else ""
+        raise Unmappable(prefix + where, first["msg"]) from exc
+
+
+def _mapped(message: _Message, ctx: Mapping[str, Any], common: dict[str, Any]) -> InboundEvent:
     match message:
         case TrackMessage():
             return TrackEvent(
@@ -211,7 +222,8 @@ def to_event(
                 **common,
             )
         case IdentifyMessage():
-            traits = {**ctx.get("traits", {}), **message.traits}
+            shared = ctx.get("traits")
+            traits = {**(shared if isinstance(shared, dict) else {}), **message.traits}
             return IdentifyEvent(
                 type="user.identify", payload=_identify_payload(traits, ctx), **common
             )
@@ -241,13 +253,55 @@ def to_event(
     raise Unmappable("type", f"unsupported message {type(message).__name__}")
 
 
+def to_events(
+    messages: Sequence[_Message],
+    *,
+    received_at: datetime,
+    known: Mapping[str, str],
+    sent_at: datetime | None = None,
+    context: Mapping[str, Any] | None = None,
+) -> list[InboundEvent]:
+    """A request's messages → events, all or none; ``Unmappable`` names the message's field."""
+    context = context or {}
+    accounts = dict(known)
+
+    def located(exc: Unmappable, index: int) -> Unmappable:
+        return Unmappable(
+            f"batch[{index}].{exc.field}" if len(messages) > 1 else exc.field, exc.message
+        )
+
+    # Libraries often send identify before group in the same batch: the batch's own group
+    # calls say where its users belong.
+    for index, m in enumerate(messages):
+        try:
+            if isinstance(m, GroupMessage) and (user := user_of(m)):
+                accounts[user] = account_of(m, context, accounts)
+        except Unmappable as exc:
+            raise located(exc, index) from exc
+    events: list[InboundEvent] = []
+    for index, message in enumerate(messages):
+        try:
+            event = to_event(
+                message, received_at=received_at, known=accounts, sent_at=sent_at, context=context
+            )
+        except Unmappable as exc:
+            raise located(exc, index) from exc
+        if event.user_id is not None:
+            # A group call, or any message naming an account, tells later ones without it.
+            accounts[event.user_id] = event.account_id
+        events.append(event)
+    return events
+
+
 def users_needing_lookup(messages: list[_Message], context: Mapping[str, Any]) -> set[str]:
     """Users whose account must come from a prior ``group`` call."""
     needed: set[str] = set()
     for m in messages:
         if isinstance(m, GroupMessage) or m.context.get("groupId") or context.get("groupId"):
             continue
-        user = user_of(m)
-        if user is not None:
-            needed.add(user)
+        # An id that cannot be mapped is refused by to_events, with its place in the batch.
+        with contextlib.suppress(Unmappable):
+            user = user_of(m)
+            if user is not None:
+                needed.add(user)
     return needed

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -90,21 +91,53 @@ def verify(body: bytes, header: str | None, secret: str, tolerance_s: int, now: 
         raise SignatureError(f"Stripe-Signature timestamp outside the {tolerance_s} s tolerance")
 
 
+# The last second of year 9999: later Unix times are no datetime.
+_MAX_UNIX = 253_402_300_799
+
+
 class StripeEvent(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     id: Identifier
     type: str = Field(min_length=1)
-    created: int = Field(ge=0)
+    created: int = Field(ge=0, le=_MAX_UNIX)
     data: dict[str, Any]
+
+
+# Stripe objects are read where they are, field by field; a field of the wrong shape is a 422
+# naming it, never an exception of the mapping code.
+_OBJECT = "data.object"
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _objects(value: object, field: str) -> list[Mapping[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+        raise Unmappable(field, "must be a list of objects")
+    return value
+
+
+def _number(value: object, field: str, default: float = 0.0) -> float:
+    """A finite, non-negative number (``default`` when absent)."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Unmappable(field, "must be a number")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise Unmappable(field, "must be a finite number, 0 or more")
+    return number
 
 
 def _metadata_account(*objects: object) -> str | None:
     for obj in objects:
-        if isinstance(obj, Mapping):
-            meta = obj.get("metadata")
-            if isinstance(meta, Mapping) and meta.get("account_id"):
-                return str(meta["account_id"])
+        meta = _mapping(_mapping(obj).get("metadata"))
+        if meta.get("account_id"):
+            return str(meta["account_id"])
     return None
 
 
@@ -114,43 +147,53 @@ def _id(value: object) -> str | None:
     return str(value) if value else None
 
 
-def monthly_amount(item: Mapping[str, Any]) -> float:
-    price = item.get("price") or item.get("plan") or {}
-    amount = price.get("unit_amount", price.get("amount")) or 0
-    recurring = price.get("recurring") or price
+def monthly_amount(item: Mapping[str, Any], field: str = f"{_OBJECT}.items.data[]") -> float:
+    price = _mapping(item.get("price") or item.get("plan"))
+    amount = _number(price.get("unit_amount", price.get("amount")), f"{field}.price.unit_amount")
+    recurring = _mapping(price.get("recurring")) or price
     interval = recurring.get("interval", "month")
-    count = recurring.get("interval_count") or 1
-    months = _MONTHS.get(str(interval), 1.0) * float(count)
-    return float(amount) * float(item.get("quantity") or 1) / 100 / months
+    count = _number(recurring.get("interval_count"), f"{field}.price.recurring.interval_count")
+    if count and (count < 1 or count != int(count)):
+        raise Unmappable(f"{field}.price.recurring.interval_count", "must be a whole number ≥ 1")
+    months = _MONTHS.get(str(interval), 1.0) * (count or 1)
+    quantity = _number(item.get("quantity"), f"{field}.quantity") or 1
+    return amount * quantity / 100 / months
 
 
 def _plan_name(sub: Mapping[str, Any], items: list[Mapping[str, Any]]) -> str:
     for item in items:
-        price = item.get("price") or item.get("plan") or {}
+        price = _mapping(item.get("price") or item.get("plan"))
         for key in ("nickname", "lookup_key", "id"):
             if price.get(key):
                 return str(price[key])[:100]
-    plan = sub.get("plan") or {}
+    plan = _mapping(sub.get("plan"))
     return str(plan.get("nickname") or plan.get("id") or "unknown")[:100]
 
 
 def _period_end(sub: Mapping[str, Any], items: list[Mapping[str, Any]]) -> datetime | None:
     # Newer API versions moved current_period_end from the subscription onto its items.
     ends = [sub.get("current_period_end")] + [i.get("current_period_end") for i in items]
-    stamps = [int(e) for e in ends if isinstance(e, int | float)]
-    return datetime.fromtimestamp(max(stamps), UTC) if stamps else None
+    stamps = [e for e in ends if isinstance(e, int | float) and not isinstance(e, bool)]
+    if not stamps:
+        return None
+    if not all(0 <= s <= _MAX_UNIX for s in stamps):
+        raise Unmappable(f"{_OBJECT}.current_period_end", "not a Unix time in years 1970–9999")
+    return datetime.fromtimestamp(max(stamps), UTC)
 
 
 def _subscription(event: StripeEvent, obj: Mapping[str, Any], at: datetime) -> SubscriptionEvent:
     account = _metadata_account(obj, obj.get("customer"))
     if account is None:
-        raise Unmappable("data.object.metadata.account_id", "subscription has no NBV account id")
-    items = list((obj.get("items") or {}).get("data") or [])
+        raise Unmappable(f"{_OBJECT}.metadata.account_id", "subscription has no NBV account id")
+    items = _objects(_mapping(obj.get("items")).get("data"), f"{_OBJECT}.items.data")
     status = str(obj.get("status") or "active")
     if event.type == "customer.subscription.deleted":
         status = "canceled"
     if status not in _KNOWN_STATUSES:
-        raise Unmappable("data.object.status", f"unknown subscription status {status!r}")
+        raise Unmappable(f"{_OBJECT}.status", f"unknown subscription status {status!r}")
+    mrr = round(sum(monthly_amount(i) for i in items), 2)
+    if not math.isfinite(mrr):
+        raise Unmappable(f"{_OBJECT}.items", "amounts out of range")
     return SubscriptionEvent(
         id=event.id,
         source=SOURCE,
@@ -160,7 +203,7 @@ def _subscription(event: StripeEvent, obj: Mapping[str, Any], at: datetime) -> S
         payload=SubscriptionPayload(
             plan=_plan_name(obj, items),
             status=status,
-            mrr=round(sum(monthly_amount(i) for i in items), 2),
+            mrr=mrr,
             renewal_date=_period_end(obj, items),
             subscription_id=_id(obj.get("id")),
             customer_id=_id(obj.get("customer")),
@@ -171,18 +214,20 @@ def _subscription(event: StripeEvent, obj: Mapping[str, Any], at: datetime) -> S
 def _invoice(
     event: StripeEvent, obj: Mapping[str, Any], at: datetime
 ) -> InvoicePaidEvent | PaymentFailedEvent:
-    parent = (obj.get("parent") or {}).get("subscription_details") or {}
-    details = obj.get("subscription_details") or {}
+    parent = _mapping(_mapping(obj.get("parent")).get("subscription_details"))
+    details = _mapping(obj.get("subscription_details"))
     account = _metadata_account(obj, details, parent, obj.get("customer"))
     if account is None:
-        raise Unmappable("data.object.metadata.account_id", "invoice has no NBV account id")
+        raise Unmappable(f"{_OBJECT}.metadata.account_id", "invoice has no NBV account id")
     paid = event.type == "invoice.paid"
-    cents = obj.get("amount_paid" if paid else "amount_due") or 0
+    amount_field = "amount_paid" if paid else "amount_due"
+    cents = _number(obj.get(amount_field), f"{_OBJECT}.{amount_field}")
+    attempts = _number(obj.get("attempt_count"), f"{_OBJECT}.attempt_count")
     payload = InvoicePayload(
         invoice_id=str(obj.get("id") or event.id),
-        amount=float(cents) / 100,
+        amount=cents / 100,
         currency=obj.get("currency"),
-        attempt_count=int(obj.get("attempt_count") or 0),
+        attempt_count=int(min(attempts, 2**31)),
         subscription_id=_id(obj.get("subscription") or parent.get("subscription")),
     )
     common: dict[str, Any] = {"id": event.id, "source": SOURCE, "time": at, "account_id": account}

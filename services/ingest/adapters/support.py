@@ -89,9 +89,12 @@ def csat_score(raw: int | str) -> int:
     if isinstance(raw, str):
         if raw.lower() in _RATING:
             return _RATING[raw.lower()]
-        if not raw.isdigit():
-            raise Unmappable("detail.satisfaction_rating.score", "must be good, bad or 1–5")
-        raw = int(raw)
+        try:
+            raw = int(raw)
+        except ValueError:
+            raise Unmappable(
+                "detail.satisfaction_rating.score", "must be good, bad or 1–5"
+            ) from None
     if not 1 <= raw <= 5:
         raise Unmappable("detail.satisfaction_rating.score", "must be good, bad or 1–5")
     return raw

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from services.ingest.adapters import content_id
 from shared.envelope import (
     CsatEvent,
     CsatPayload,
@@ -23,7 +23,8 @@ SOURCE = "surveys"
 class SurveyResponse(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: Identifier = Field(default_factory=lambda: str(uuid.uuid4()))
+    # Without one, a hash of the body: a retry of the same body is deduplicated.
+    id: Identifier | None = None
     time: AwareDatetime | None = None
     account_id: Identifier
     user_id: Identifier | None = None
@@ -46,7 +47,7 @@ def to_event(answer: SurveyResponse) -> InboundEvent:
     if answer.kind == "nps":
         assert answer.user_id is not None
         return NpsEvent(
-            id=answer.id,
+            id=answer.id or content_id(SOURCE, answer),
             source=SOURCE,
             type="survey.nps",
             time=at,
@@ -55,7 +56,7 @@ def to_event(answer: SurveyResponse) -> InboundEvent:
             payload=NpsPayload(score=answer.score, comment=answer.comment),
         )
     return CsatEvent(
-        id=answer.id,
+        id=answer.id or content_id(SOURCE, answer),
         source=SOURCE,
         type="survey.csat",
         time=at,

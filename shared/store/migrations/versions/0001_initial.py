@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 10:28:25.145732
+Create Date: 2026-11-23 13:03:55.693145
 """
 
 from collections.abc import Sequence
@@ -118,6 +118,24 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("account_id", name=op.f("pk_account_views")),
     )
     op.create_table(
+        "api_keys",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("name", sa.String(length=100), nullable=False),
+        sa.Column("prefix", sa.String(length=20), nullable=False),
+        sa.Column("key_hash", sa.String(length=64), nullable=False),
+        sa.Column(
+            "scopes",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("rate_limit", sa.Float(), nullable=True),
+        sa.Column("created_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("revoked_at", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("last_used_at", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
+        sa.UniqueConstraint("key_hash", name=op.f("uq_api_keys_key_hash")),
+    )
+    op.create_table(
         "channel_preferences",
         sa.Column("user_id", sa.String(length=200), nullable=False),
         sa.Column(
@@ -221,6 +239,12 @@ def upgrade() -> None:
         batch_op.create_index("ix_deliveries_user", ["user_id", "element_id"], unique=False)
 
     op.create_table(
+        "erasures",
+        sa.Column("pseudonym", sa.String(length=100), nullable=False),
+        sa.Column("erased_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("pseudonym", name=op.f("pk_erasures")),
+    )
+    op.create_table(
         "inbox_items",
         sa.Column("id", sa.String(length=200), nullable=False),
         sa.Column("user_id", sa.String(length=200), nullable=False),
@@ -276,12 +300,59 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("version", name=op.f("pk_library_versions")),
     )
     op.create_table(
+        "model_assignments",
+        sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("champion", sa.String(length=100), nullable=True),
+        sa.Column("challenger", sa.String(length=100), nullable=True),
+        sa.Column("challenger_share", sa.Float(), nullable=False),
+        sa.Column("salt", sa.String(length=200), nullable=False),
+        sa.Column("action", sa.String(length=20), nullable=False),
+        sa.Column("changed_by", sa.String(length=200), nullable=False),
+        sa.Column("changed_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column("rollback_to", sa.Integer(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_model_assignments")),
+    )
+    op.create_table(
+        "model_versions",
+        sa.Column("version", sa.String(length=100), nullable=False),
+        sa.Column("created_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("registered_by", sa.String(length=200), nullable=False),
+        sa.Column("trained_at", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("data_from", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("data_until", shared.store.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column(
+            "features",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "meta",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column(
+            "evaluation",
+            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            nullable=True,
+        ),
+        sa.Column("model_text", sa.Text(), nullable=False),
+        sa.Column("model_sha256", sa.String(length=64), nullable=False),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.PrimaryKeyConstraint("version", name=op.f("pk_model_versions")),
+    )
+    op.create_table(
         "processed_events",
         sa.Column("consumer", sa.String(length=50), nullable=False),
         sa.Column("event_id", sa.String(length=200), nullable=False),
         sa.Column("processed_at", shared.store.models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("consumer", "event_id", name=op.f("pk_processed_events")),
     )
+    with op.batch_alter_table("processed_events", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_processed_events_processed_at"), ["processed_at"], unique=False
+        )
+
     op.create_table(
         "scheduled_jobs",
         sa.Column("key", sa.String(length=300), nullable=False),
@@ -431,7 +502,12 @@ def downgrade() -> None:
         batch_op.drop_index("ix_scheduled_jobs_due")
 
     op.drop_table("scheduled_jobs")
+    with op.batch_alter_table("processed_events", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_processed_events_processed_at"))
+
     op.drop_table("processed_events")
+    op.drop_table("model_versions")
+    op.drop_table("model_assignments")
     op.drop_table("library_versions")
     with op.batch_alter_table("interventions", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_interventions_user_id"))
@@ -442,6 +518,7 @@ def downgrade() -> None:
         batch_op.drop_index("ix_inbox_user_status")
 
     op.drop_table("inbox_items")
+    op.drop_table("erasures")
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.drop_index("ix_deliveries_user")
         batch_op.drop_index("ix_deliveries_status")
@@ -459,5 +536,6 @@ def downgrade() -> None:
 
     op.drop_table("contacts")
     op.drop_table("channel_preferences")
+    op.drop_table("api_keys")
     op.drop_table("account_views")
     # ### end Alembic commands ###

@@ -1,0 +1,99 @@
+"""What a decision reads about a person, in one round trip: their view and their account's, the
+preference centre, and the contact history the policy counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Column, Select, Table, bindparam, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.decision.contact_policy import Offer, history_entries, parse_history
+from services.ingest.view import AccountState, UserState
+from shared.store.models import AccountView, ChannelPreference, UserView
+
+
+@dataclass(frozen=True)
+class Person:
+    user: UserState
+    account: AccountState | None
+    # The preference centre's channel switches and quiet hours (None: no preferences saved).
+    channels: dict[str, Any] | None
+    quiet_hours: dict[str, Any] | None
+    offers: list[Offer]
+    open_elements: set[str]
+
+
+def _table(model: type[Any]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+def _fields(table: Table, state: type[UserState | AccountState]) -> list[Column[Any]]:
+    # The view's columns the state holds (all of them, as the projector writes every field).
+    return [c for c in table.columns if c.name in state.model_fields]
+
+
+class _Statement:
+    """The statement for one dialect, built once (SQLAlchemy then reuses its compiled form), and
+    where each table's columns sit in its rows."""
+
+    def __init__(self, dialect: str) -> None:
+        users, accounts = _table(UserView), _table(AccountView)
+        preferences = _table(ChannelPreference)
+        self.user_columns = [c.name for c in _fields(users, UserState)]
+        self.account_columns = [c.name for c in _fields(accounts, AccountState)]
+        # Null when the outer join found no account.
+        self.account_key = self.account_columns.index("account_id")
+        self.statement: Select[Any] = (
+            select(
+                *_fields(users, UserState),
+                *_fields(accounts, AccountState),
+                preferences.c.user_id,
+                preferences.c.channels,
+                preferences.c.quiet_hours,
+                history_entries(dialect),
+            )
+            .select_from(users)
+            .outerjoin(accounts, accounts.c.account_id == users.c.account_id)
+            .outerjoin(preferences, preferences.c.user_id == users.c.user_id)
+            .where(users.c.user_id == bindparam("user_id"))
+        )
+
+
+_STATEMENTS: dict[str, _Statement] = {}
+
+
+async def read_person(session: AsyncSession, user_id: str, since: datetime) -> Person | None:
+    """The person with their offers since ``since`` and their open cards or deliveries; None
+    when the view does not know them. Rows are Core rows (no ORM identity map to fill) turned
+    into the view's states."""
+    dialect = session.get_bind().dialect.name
+    shape = _STATEMENTS.get(dialect)
+    if shape is None:
+        shape = _STATEMENTS[dialect] = _Statement(dialect)
+    row = (await session.execute(shape.statement, {"user_id": user_id, "since": since})).first()
+    if row is None:
+        return None
+    n_user, n_account = len(shape.user_columns), len(shape.account_columns)
+    values = tuple(row)
+    user = UserState.model_validate(dict(zip(shape.user_columns, values[:n_user], strict=True)))
+    account_values = values[n_user : n_user + n_account]
+    account = (
+        AccountState.model_validate(dict(zip(shape.account_columns, account_values, strict=True)))
+        if account_values[shape.account_key] is not None
+        else None
+    )
+    preference_user, channels, quiet_hours, entries = values[n_user + n_account :]
+    offers, open_elements = parse_history(entries)
+    return Person(
+        user=user,
+        account=account,
+        channels=channels if preference_user is not None else None,
+        quiet_hours=quiet_hours,
+        offers=offers,
+        open_elements=open_elements,
+    )
