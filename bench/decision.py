@@ -160,6 +160,7 @@ def serve(port: int) -> None:
     from fastapi import FastAPI
 
     from services.app import build_app
+    from services.cli import tune_collector
     from shared.logging import configure_logging
     from shared.settings import Settings
 
@@ -171,6 +172,7 @@ def serve(port: int) -> None:
     async def ping() -> dict[str, str]:  # the bench's trivial baseline, not product API
         return {"status": "ok"}
 
+    tune_collector(settings.gc_threshold)  # as `nbv serve` does
     uvicorn.run(app, host="127.0.0.1", port=port, workers=1, log_config=None, access_log=False)
 
 

@@ -116,7 +116,7 @@ def train_from_log(data: LogData, config: TrainConfig, *, progress: bool = True)
         "best_iteration": int(booster.best_iteration or booster.current_iteration()),
         "config": config.model_dump(mode="json"),
         "calibration": calibration,
-        "objective": "lambdarank",
+        "objective": config.lgb_params()["objective"],
     }
     return Trained(booster, split, meta)
 

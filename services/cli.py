@@ -33,7 +33,7 @@ def _serve(settings: Settings, services: Sequence[str]) -> int:
 
     configure_logging(settings.log_level, "+".join(services))
     app = build_app(settings, services)
-    _tune_collector(settings.gc_threshold)
+    tune_collector(settings.gc_threshold)
     uvicorn.run(
         app,
         host=settings.host,
@@ -45,7 +45,7 @@ def _serve(settings: Settings, services: Sequence[str]) -> int:
     return 0
 
 
-def _tune_collector(threshold: int) -> None:
+def tune_collector(threshold: int) -> None:
     """A server allocates tens of thousands of short-lived objects per request or consumer batch
     (a batch of events and their models) while holding large long-lived ones (modules, the
     projector's row cache). With the default threshold the collector runs every 700

@@ -105,7 +105,7 @@ class SharedClock:
         self._file.close()
 
 
-def follow(path: Path, poll_s: float = 0.005) -> None:
+def follow(path: Path, poll_s: float = 0.02) -> None:
     """The NBV process's side: run this process's wall clock at the offset in ``path``."""
     import time_machine
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -56,6 +57,7 @@ from services.decision.library import DEFAULT_LIBRARY, load_library
 
 Policy = Literal["api", "random"]
 MAX_BATCH = 500
+TRANSPORT_RETRIES = 4
 RANDOM_LIMIT = 20
 # How likely a person is to consider the card in each slot of the in-app widget.
 ATTENTION = (1.0, 0.6, 0.4)
@@ -199,17 +201,35 @@ class Simulation:
 
     # ------------------------------------------------------------ HTTP
 
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One API call. A dropped connection (a busy server closing an idle keep-alive one)
+        or a server error is retried: every call here is idempotent (events and responses
+        carry their ids)."""
+        for attempt in range(TRANSPORT_RETRIES):
+            last = attempt == TRANSPORT_RETRIES - 1
+            try:
+                r = await self.client.request(method, url, **kwargs)
+            except httpx.TransportError:
+                if last:
+                    raise
+            else:
+                if r.status_code < 500 or last:
+                    return r
+            await asyncio.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     async def _post_events(self, events: Sequence[Json]) -> None:
         now = iso(self.clock.now())
         stamped = [e if "time" in e else {**e, "time": now} for e in events]
         for i in range(0, len(stamped), MAX_BATCH):
-            r = await self.client.post(
-                "/v1/events/batch", json={"events": stamped[i : i + MAX_BATCH]}
+            r = await self._request(
+                "POST", "/v1/events/batch", json={"events": stamped[i : i + MAX_BATCH]}
             )
             r.raise_for_status()
 
     async def _respond(self, user_id: str, decision_id: str, element_id: str, outcome: str) -> None:
         body = {
+            "id": f"sim-{uuid.uuid4()}",  # the same id on a retry: recorded once
             "user_id": user_id,
             "decision_id": decision_id,
             "element_id": element_id,
@@ -219,7 +239,7 @@ class Simulation:
         }
         # Delivery puts the card in the inbox asynchronously; until then the API answers 404.
         for attempt in range(40):
-            r = await self.client.post("/v1/responses", json=body)
+            r = await self._request("POST", "/v1/responses", json=body)
             if r.status_code != 404:
                 r.raise_for_status()
                 return
@@ -228,8 +248,10 @@ class Simulation:
 
     async def _decide(self, user_id: str, rng: random.Random, slots: int) -> Decision | None:
         limit = RANDOM_LIMIT if self.policy == "random" else slots
-        r = await self.client.get(
-            "/v1/next-best-value", params={"user_id": user_id, "limit": limit, "channel": "in_app"}
+        r = await self._request(
+            "GET",
+            "/v1/next-best-value",
+            params={"user_id": user_id, "limit": limit, "channel": "in_app"},
         )
         if r.status_code == 404:
             return None  # not projected yet
@@ -262,7 +284,7 @@ class Simulation:
         client-side random policy leaves the inbox alone: its unpicked cards were never seen."""
         if self.policy == "random":
             return []
-        r = await self.client.get(f"/v1/users/{user_id}/inbox")
+        r = await self._request("GET", f"/v1/users/{user_id}/inbox")
         if r.status_code != 200:
             return []
         return [Card(str(c["decision_id"]), str(c["element_id"])) for c in r.json()["items"]]

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
+from functools import cached_property
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -83,6 +84,42 @@ class ContactHistory:
     quiet: QuietWindow | None = None
     channel_allowed: dict[str, bool] = field(default_factory=dict)
     last_dismissal: datetime | None = None
+    # A decision asks about every element and channel: the offers are indexed once, on first
+    # use (the history is not changed after it is built).
+    _counts: dict[tuple[str, datetime], tuple[int, int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    @cached_property
+    def _last_offered(self) -> dict[str, datetime]:
+        last: dict[str, datetime] = {}
+        for o in self.offers:
+            if o.element_id not in last or o.at > last[o.element_id]:
+                last[o.element_id] = o.at
+        return last
+
+    @cached_property
+    def _times_by_channel(self) -> dict[str, list[datetime]]:
+        times: dict[str, list[datetime]] = {}
+        for o in self.offers:
+            times.setdefault(o.channel, []).append(o.at)
+        return times
+
+    def last_offered(self, element_id: str) -> datetime | None:
+        """When the element was last offered, on any channel."""
+        return self._last_offered.get(element_id)
+
+    def offers_on(self, channel: str, now: datetime) -> tuple[int, int]:
+        """Offers on the channel in the last 24 h and in the last 7 days before ``now``."""
+        key = (channel, now)
+        counts = self._counts.get(key)
+        if counts is None:
+            times = self._times_by_channel.get(channel, ())
+            counts = self._counts[key] = (
+                sum(1 for at in times if at > now - DAY),
+                sum(1 for at in times if at > now - WEEK),
+            )
+        return counts
 
 
 @dataclass(frozen=True)
@@ -145,12 +182,8 @@ class ContactPolicy:
         if element.id in history.open_elements:
             return Exclusion("pending", "an offer of this element is still open")
         if element.cooldown_days:
-            since = now - timedelta(days=element.cooldown_days)
-            last = max(
-                (o.at for o in history.offers if o.element_id == element.id and o.at > since),
-                default=None,
-            )
-            if last is not None:
+            last = history.last_offered(element.id)
+            if last is not None and last > now - timedelta(days=element.cooldown_days):
                 return Exclusion(
                     "cooldown", f"offered {last.isoformat()}; cool-down {element.cooldown_days} d"
                 )
@@ -172,13 +205,13 @@ class ContactPolicy:
         day_cap = self.limits.cap_per_day.get(name)
         week_cap = self.limits.cap_per_week.get(name)
         if day_cap is not None or week_cap is not None:
-            on_channel = [o.at for o in history.offers if o.channel == name]
+            last_day, last_week = history.offers_on(name, now)
             if day_cap is not None:
-                n = sum(1 for at in on_channel if at > now - DAY) + extra
+                n = last_day + extra
                 if n >= day_cap:
                     return Exclusion("cap_day", f"{n} {name} contact(s) in 24 h (cap {day_cap})")
             if week_cap is not None:
-                n = sum(1 for at in on_channel if at > now - WEEK) + extra
+                n = last_week + extra
                 if n >= week_cap:
                     return Exclusion("cap_week", f"{n} {name} contact(s) in 7 d (cap {week_cap})")
         if channel is Channel.EMAIL and history.last_dismissal is not None:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from models.features import (
@@ -38,6 +37,7 @@ from services.decision.contact_policy import (
     csm_alerts_last_day,
     history_horizon,
 )
+from services.decision.decision_log import write_decision
 from services.decision.explain import model_reasons, prior_reasons, reason
 from services.decision.library import Stage, ValueElement
 from services.decision.person import read_person
@@ -51,7 +51,7 @@ from services.ingest.windows import total as usage_total
 from shared.contracts import DecidedItem, DecisionMessage
 from shared.envelope import Channel, Role
 from shared.metrics import DECISION_DURATION, DECISIONS, EXCLUSIONS, MODEL_DECISIONS
-from shared.store.models import Contact, DecisionRow
+from shared.store.models import DecisionRow
 
 
 class UnknownUser(LookupError):
@@ -61,9 +61,15 @@ class UnknownUser(LookupError):
 @dataclass(frozen=True)
 class Decided:
     message: DecisionMessage
-    row: DecisionRow
+    # The ``decisions`` row as written (a dict: the log is written with Core).
+    log: dict[str, Any]
     # Set when nothing could be offered only because of quiet hours: when to try again.
     deferred_until: datetime | None = None
+
+    @property
+    def row(self) -> DecisionRow:
+        """The log row as a (transient) model."""
+        return DecisionRow(**self.log)
 
 
 def facts(e: ValueElement) -> ElementFacts:
@@ -86,6 +92,8 @@ class LibrarySnapshot:
     elements: tuple[ValueElement, ...]
     by_id: dict[str, ValueElement] = field(default_factory=dict)
     element_facts: dict[str, ElementFacts] = field(default_factory=dict)
+    # How far back the contact policy looks (the longest cool-down).
+    horizon: timedelta = field(default_factory=lambda: history_horizon(()))
 
     @classmethod
     def of(cls, version: int | None, elements: Sequence[ValueElement]) -> LibrarySnapshot:
@@ -94,6 +102,7 @@ class LibrarySnapshot:
             tuple(elements),
             {e.id: e for e in elements},
             {e.id: facts(e) for e in elements},
+            history_horizon(elements),
         )
 
 
@@ -140,10 +149,6 @@ def context_of(user: UserState, account: AccountState | None, now: datetime) -> 
         area_questions=dict(user.support_questions),
     )
 
-
-# Built once: SQLAlchemy then reuses their compiled form and cache keys on every request.
-_LOG_DECISION = insert(DecisionRow.__table__)  # type: ignore[arg-type]
-_LOG_CONTACT = insert(Contact.__table__)  # type: ignore[arg-type]
 
 CsmOf = Callable[[str, AccountState | None], str | None]
 
@@ -209,8 +214,9 @@ class DecisionEngine:
         await fence(session, exclusive=False)
         now = datetime.now(UTC)
         library, playbooks = self.library, self.playbooks
+        connection = await session.connection()
         # One round trip for the person, their account, preferences and contact history.
-        person = await read_person(session, user_id, now - history_horizon(library.elements))
+        person = await read_person(connection, user_id, now - library.horizon)
         if person is None:
             raise UnknownUser(user_id)
         user, account = person.user, person.account
@@ -327,9 +333,8 @@ class DecisionEngine:
                 )
             )
             DECISIONS.labels(c.element.id, item_channel.value, ranker.version).inc()
-        for c in candidates:
-            if c.excluded_by:
-                EXCLUSIONS.labels(c.excluded_by).inc()
+        for rule, n in Counter(c.excluded_by for c in candidates if c.excluded_by).items():
+            EXCLUSIONS.labels(rule).inc(n)
 
         message = DecisionMessage(
             decision_id=decision_id,
@@ -341,7 +346,7 @@ class DecisionEngine:
             model_version=ranker.version,
             items=items,
         )
-        row = DecisionRow(
+        log = dict(
             id=decision_id,
             user_id=user.user_id,
             account_id=user.account_id,
@@ -377,31 +382,29 @@ class DecisionEngine:
                 for i in items
             ],
         )
-        # Core inserts: the log is write-only here, the ORM unit of work would only add cost.
-        await session.execute(_LOG_DECISION, [_columns(row)])
-        if items:
-            await session.execute(
-                _LOG_CONTACT,
-                [
-                    {
-                        "decision_id": decision_id,
-                        "element_id": i.element_id,
-                        "user_id": user.user_id,
-                        "account_id": user.account_id,
-                        "csm_id": csm_id,
-                        "channel": i.channel.value,
-                        "at": now,
-                    }
-                    for i in items
-                ],
-            )
+        await write_decision(
+            connection,
+            log,
+            [
+                {
+                    "decision_id": decision_id,
+                    "element_id": i.element_id,
+                    "user_id": user.user_id,
+                    "account_id": user.account_id,
+                    "csm_id": csm_id,
+                    "channel": i.channel.value,
+                    "at": now,
+                }
+                for i in items
+            ],
+        )
         deferred_until = None
         quiet = history.quiet
         if not items and candidates and all(c.excluded_by == "quiet_hours" for c in candidates):
             deferred_until = quiet.ends_after(now) if quiet else None
         MODEL_DECISIONS.labels(ranker.version).inc()
         DECISION_DURATION.observe(time.perf_counter() - started)
-        return Decided(message, row, deferred_until)
+        return Decided(message, log, deferred_until)
 
     @staticmethod
     def _rules_about(c: _Candidate, effects: RuleEffects) -> set[str]:
@@ -448,10 +451,6 @@ class DecisionEngine:
             )
             for rank, e in enumerate(pool[:limit], start=1)
         ]
-
-
-def _columns(row: DecisionRow) -> dict[str, Any]:
-    return {c.key: getattr(row, c.key) for c in DecisionRow.__table__.columns}
 
 
 def _candidate_log(c: _Candidate) -> dict[str, Any]:

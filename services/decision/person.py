@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Column, Select, Table, bindparam, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.decision.contact_policy import Offer, history_entries, parse_history
 from services.ingest.view import AccountState, UserState
@@ -67,15 +67,15 @@ class _Statement:
 _STATEMENTS: dict[str, _Statement] = {}
 
 
-async def read_person(session: AsyncSession, user_id: str, since: datetime) -> Person | None:
+async def read_person(connection: AsyncConnection, user_id: str, since: datetime) -> Person | None:
     """The person with their offers since ``since`` and their open cards or deliveries; None
-    when the view does not know them. Rows are Core rows (no ORM identity map to fill) turned
-    into the view's states."""
-    dialect = session.get_bind().dialect.name
+    when the view does not know them. On the session's connection: a Core statement run
+    through ``Session.execute`` would still get the ORM's per-column row processing."""
+    dialect = connection.dialect.name
     shape = _STATEMENTS.get(dialect)
     if shape is None:
         shape = _STATEMENTS[dialect] = _Statement(dialect)
-    row = (await session.execute(shape.statement, {"user_id": user_id, "since": since})).first()
+    row = (await connection.execute(shape.statement, {"user_id": user_id, "since": since})).first()
     if row is None:
         return None
     n_user, n_account = len(shape.user_columns), len(shape.account_columns)

@@ -77,8 +77,13 @@ async def fence(session: AsyncSession, *, exclusive: bool) -> None:
     engine and delivery, shared; an erasure, exclusively."""
     if session.get_bind().dialect.name != "postgresql":
         return
-    lock = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
-    await session.execute(text(f"SELECT {lock}(:key)"), {"key": _FENCE})
+    await session.execute(_EXCLUSIVE if exclusive else _SHARED, {"key": _FENCE})
+
+
+# Built once: every decision takes the fence, and a text() built per call is parsed and given a
+# cache key each time.
+_EXCLUSIVE = text("SELECT pg_advisory_xact_lock(:key)")
+_SHARED = text("SELECT pg_advisory_xact_lock_shared(:key)")
 
 
 class ErasureReport(BaseModel):

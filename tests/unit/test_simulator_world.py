@@ -240,3 +240,68 @@ def test_export_reproduces_the_served_features() -> None:
     np.testing.assert_allclose(old[:, known], served[:, known], rtol=1e-9)
     with_area = [i for i, e in enumerate(ids) if library[e].feature_area]
     assert np.isnan(old[np.ix_(with_area, unknown)]).all()
+
+
+def test_a_project_makes_its_area_needed_and_visible() -> None:
+    from models.simulator.world import PROJECT_NEED, start_project
+
+    p = new_person(random.Random(3), "u", "a", "end_user", tenure=30)
+    p.projects.clear()
+    before = dict(p.need)
+    start_project(random.Random(1), p)
+    [area] = p.projects
+    assert p.need[area] >= before[area] + PROJECT_NEED - 1e-9
+    # NBV sees it: support tickets about the area and more usage there.
+    tickets = usage = 0
+    for week in range(40):
+        plan = person_week(p, 1, week, random.Random(week))
+        tickets += sum(
+            e["type"] == "support.ticket_opened" and e["payload"]["feature_area"] == area
+            for e in plan.background
+        )
+        usage += sum(e["payload"]["feature_area"] == area for _, s in plan.sessions for e in s)
+        p.tickets.clear()
+    assert tickets >= 10
+    total = sum(
+        len(s)
+        for week in range(5)
+        for _, s in person_week(p, 1, week, random.Random(week)).sessions
+    )
+    assert usage / 40 > 0.3 * total / 5
+
+
+def test_people_reach_milestones_by_themselves_when_skilled() -> None:
+    from models.simulator.world import milestones_reached
+
+    milestones = [("project_created", "core", "onboard"), ("sso_enabled", "admin", "onboard")]
+    p = new_person(random.Random(0), "u", "a", "end_user", tenure=1)
+    p.sophistication["core"], p.sophistication["admin"] = 0.95, 0.05
+    assert milestones_reached(random.Random(0), p, milestones) == ["project_created"]
+    assert milestones_reached(random.Random(0), p, milestones) == []  # reached once
+
+
+def test_people_dismiss_what_is_not_for_them_and_leave_what_is() -> None:
+    fits, _ = library_fits()
+    p = new_person(random.Random(0), "u", "a", "end_user", tenure=10)
+    p.need = dict.fromkeys(p.need, 0.05)  # nothing needed right now
+    mine = respond_probabilities(p, "use-mentions-comments", fits["use-mentions-comments"], 20)
+    other = respond_probabilities(p, "configure-sso", fits["configure-sso"], 20)  # admin's
+    assert other[2] > 3 * mine[2]
+    # Seeing the same card again and again wears out even what is for them.
+    p.shown["use-mentions-comments"] = 5
+    again = respond_probabilities(p, "use-mentions-comments", fits["use-mentions-comments"], 20)
+    assert again[2] > 2 * mine[2] and again[0] < mine[0]
+
+
+def test_useless_cards_cost_trust_and_completions_win_it_back() -> None:
+    from models.simulator.world import on_seen
+
+    fits, _ = library_fits()
+    p = new_person(random.Random(0), "u", "a", "end_user", tenure=10)
+    p.need = dict.fromkeys(p.need, 0.0)
+    on_seen(p, "configure-sso", fits["configure-sso"], 20)
+    on_seen(p, "review-audit-log", fits["review-audit-log"], 20)
+    assert p.trust < 0.9
+    low = p.trust
+    on_completed(p, fits["product-tour"])
+    assert p.trust > low
