@@ -309,7 +309,7 @@ async def main() -> None:
         "--sequential", action="store_true", help="one arm after the other (default: together)"
     )
     args = parser.parse_args()
-    args.accounts = args.accounts or (15 if args.quick else 40)
+    args.accounts = args.accounts or (15 if args.quick else 60)
     args.weeks = args.weeks or (3 if args.quick else 6)
     arms = [a for a in args.arms.split(",") if a]
     if args.keep is not None:
