@@ -12,7 +12,9 @@ request's scheduled start (no coordinated omission).
 
     .venv/bin/python bench/decision.py [--seconds 4] [--levels 1,2,4,8,16,32,64]
 
-The last line is one JSON object: decisions_per_s, p99_ms_at_half_peak, ratio_to_trivial.
+The last line is one JSON object: decisions_per_s, p99_ms_at_half_peak, ratio_to_trivial. The
+line before it (stderr) has the details, among them the server's CPU time per decision and per
+trivial request (``server_cpu_ms_per_decision``, ``server_cpu_ms_per_trivial``; Linux only).
 """
 
 from __future__ import annotations
@@ -199,6 +201,7 @@ async def load(
     rng = random.Random(concurrency)
     latencies: list[float] = []
     errors = 0
+    sent = 0  # warm-up included: what the server's CPU time was spent on
 
     def path() -> str:
         if route == "ping":
@@ -206,7 +209,7 @@ async def load(
         return f"/v1/next-best-value?user_id=u{rng.randrange(USERS):05d}&limit=3"
 
     async def worker(index: int, stop_at: float, record: bool) -> None:
-        nonlocal errors
+        nonlocal errors, sent
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         interval = concurrency / rate if rate else 0.0
         next_start = time.perf_counter() + (interval * index / concurrency if rate else 0.0)
@@ -223,6 +226,7 @@ async def load(
                 if scheduled >= stop_at:
                     return
                 status = await _request(reader, writer, path())
+                sent += 1
                 if record:
                     latencies.append(time.perf_counter() - scheduled)
                     if status != 200:
@@ -241,6 +245,7 @@ async def load(
         "concurrency": concurrency,
         "rate": rate,
         "requests": len(latencies),
+        "sent": sent,
         "errors": errors,
         "per_s": len(latencies) / elapsed,
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
@@ -249,16 +254,43 @@ async def load(
 
 
 def run_load(
-    port: int, route: str, concurrency: int, seconds: float, rate: float | None = None
+    port: int,
+    route: str,
+    concurrency: int,
+    seconds: float,
+    rate: float | None = None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     args = [sys.executable, __file__, "--load", route, "--port", str(port)]
     args += ["--concurrency", str(concurrency), "--seconds", str(seconds)]
     if rate:
         args += ["--rate", str(rate)]
+    before = _cpu_seconds(server_pid)
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    after = _cpu_seconds(server_pid)
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    # The server's CPU time (all its threads) per request, warm-up included: less sensitive than
+    # throughput to other work on the machine (not immune: contention inflates it too), so
+    # changes are compared by it, in runs made back to back.
+    result["server_cpu_ms"] = (
+        round((after - before) * 1000 / result["sent"], 3)
+        if before is not None and after is not None and result["sent"]
+        else None
+    )
     print(json.dumps(result), file=sys.stderr)
     return result
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), or None."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------ main
@@ -316,12 +348,13 @@ def main() -> None:
     try:
         _wait_ready(port)
         levels = [int(n) for n in args.levels.split(",")]
-        decisions = [run_load(port, "nbv", c, args.seconds) for c in levels]
+        decisions = [run_load(port, "nbv", c, args.seconds, server_pid=server.pid) for c in levels]
         peak = max(decisions, key=lambda r: r["per_s"])
         # Paced at half the peak, right after the closed-loop runs (same state of the store).
         half = run_load(port, "nbv", peak["concurrency"], args.seconds, rate=peak["per_s"] / 2)
-        trivial = [run_load(port, "ping", c, args.seconds) for c in levels]
-        trivial_peak = max(r["per_s"] for r in trivial)
+        trivial = [run_load(port, "ping", c, args.seconds, server_pid=server.pid) for c in levels]
+        trivial_best = max(trivial, key=lambda r: r["per_s"])
+        trivial_peak = trivial_best["per_s"]
     finally:
         server.terminate()
         server.wait(30)
@@ -337,6 +370,8 @@ def main() -> None:
         "half_peak_rate": round(peak["per_s"] / 2, 1),
         "p50_ms_at_half_peak": round(half["p50_ms"], 2),
         "trivial_per_s": round(trivial_peak, 1),
+        "server_cpu_ms_per_decision": peak["server_cpu_ms"],
+        "server_cpu_ms_per_trivial": trivial_best["server_cpu_ms"],
         "errors": sum(r["errors"] for r in decisions) + half["errors"],
     }
     print(json.dumps(summary), file=sys.stderr)

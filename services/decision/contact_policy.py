@@ -23,7 +23,6 @@ from sqlalchemy import (
     bindparam,
     cast,
     func,
-    literal,
     literal_column,
     null,
     select,
@@ -273,15 +272,15 @@ def history_entries(dialect: str) -> Any:
     user: Any = bindparam("user_id")
     entries = union_all(
         select(
-            literal("c").label("kind"),
+            literal_column("'c'").label("kind"),
             Contact.element_id.label("element_id"),
             Contact.channel.label("channel"),
             Contact.at.label("at"),
         ).where(Contact.user_id == user, Contact.at > bindparam("since", type_=Contact.at.type)),
-        select(literal("o"), InboxItem.element_id, no_channel, no_time).where(
+        select(literal_column("'o'"), InboxItem.element_id, no_channel, no_time).where(
             InboxItem.user_id == user, InboxItem.status.in_(_constants(HELD_CARD_STATUSES))
         ),
-        select(literal("o"), Delivery.element_id, no_channel, no_time).where(
+        select(literal_column("'o'"), Delivery.element_id, no_channel, no_time).where(
             Delivery.user_id == user, Delivery.status.in_(_constants(OPEN_DELIVERY_STATUSES))
         ),
     ).subquery("history")

@@ -4,9 +4,9 @@
 On PostgreSQL both go in one statement, one round trip: the decision row is inserted by a
 data-modifying CTE (always run to completion, referenced or not) and the contacts come from one
 JSON parameter through ``json_populate_recordset``, so the statement's shape does not depend on
-the number of items and is compiled once. SQLite (embedded mode) has no data-modifying CTEs:
-two Core inserts. Core, not the ORM: the log is write-only here and the unit of work would
-only add cost.
+the number of items; it is compiled once and run on the driver (shared.store.driver). SQLite
+(embedded mode) has no data-modifying CTEs: two Core inserts. Core, not the ORM: the log is
+write-only here and the unit of work would only add cost.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 from sqlalchemy import JSON, Insert, Table, bindparam, func, insert, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from shared.store import driver
+from shared.store.driver import DriverStatement
 from shared.store.models import Contact, DecisionRow
 
 
@@ -50,6 +52,8 @@ def _one_statement() -> Insert:
 
 
 _INSERT_BOTH = _one_statement()
+# Compiled by the engine's own dialect (its JSON serialiser), on first use.
+_COMPILED: dict[str, DriverStatement] = {}
 
 
 async def write_decision(
@@ -60,7 +64,10 @@ async def write_decision(
     if connection.dialect.name == "postgresql":
         params = {f"decision_{k}": v for k, v in decision.items()}
         params["contacts"] = [{**c, "at": _iso(c["at"])} for c in contacts]
-        await connection.execute(_INSERT_BOTH, params)
+        statement = _COMPILED.get("postgresql")
+        if statement is None:
+            statement = _COMPILED["postgresql"] = DriverStatement(_INSERT_BOTH, connection.dialect)
+        await driver.execute(connection, statement, params)
         return
     await connection.execute(_INSERT_DECISION, decision)
     if contacts:

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, Select, Table, bindparam, select
+from sqlalchemy import Column, Dialect, Select, Table, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.decision.contact_policy import Offer, history_entries, parse_history
 from services.ingest.view import AccountState, UserState
+from shared.store import driver
+from shared.store.driver import DriverStatement
 from shared.store.models import AccountView, ChannelPreference, UserView
 
 
@@ -38,10 +40,11 @@ def _fields(table: Table, state: type[UserState | AccountState]) -> list[Column[
 
 
 class _Statement:
-    """The statement for one dialect, built once (SQLAlchemy then reuses its compiled form), and
-    where each table's columns sit in its rows."""
+    """The statement for one dialect, built once (SQLAlchemy then reuses its compiled form; on
+    PostgreSQL it runs on the driver: shared.store.driver), and where each table's columns sit
+    in its rows."""
 
-    def __init__(self, dialect: str) -> None:
+    def __init__(self, dialect: Dialect) -> None:
         users, accounts = _table(UserView), _table(AccountView)
         preferences = _table(ChannelPreference)
         self.user_columns = [c.name for c in _fields(users, UserState)]
@@ -55,12 +58,15 @@ class _Statement:
                 preferences.c.user_id,
                 preferences.c.channels,
                 preferences.c.quiet_hours,
-                history_entries(dialect),
+                history_entries(dialect.name),
             )
             .select_from(users)
             .outerjoin(accounts, accounts.c.account_id == users.c.account_id)
             .outerjoin(preferences, preferences.c.user_id == users.c.user_id)
             .where(users.c.user_id == bindparam("user_id"))
+        )
+        self.driver = (
+            DriverStatement(self.statement, dialect) if dialect.name == "postgresql" else None
         )
 
 
@@ -69,13 +75,16 @@ _STATEMENTS: dict[str, _Statement] = {}
 
 async def read_person(connection: AsyncConnection, user_id: str, since: datetime) -> Person | None:
     """The person with their offers since ``since`` and their open cards or deliveries; None
-    when the view does not know them. On the session's connection: a Core statement run
-    through ``Session.execute`` would still get the ORM's per-column row processing."""
-    dialect = connection.dialect.name
-    shape = _STATEMENTS.get(dialect)
+    when the view does not know them. ``connection``: the session's, in its transaction."""
+    dialect = connection.dialect
+    shape = _STATEMENTS.get(dialect.name)
     if shape is None:
-        shape = _STATEMENTS[dialect] = _Statement(dialect)
-    row = (await connection.execute(shape.statement, {"user_id": user_id, "since": since})).first()
+        shape = _STATEMENTS[dialect.name] = _Statement(dialect)
+    params = {"user_id": user_id, "since": since}
+    if shape.driver is not None:
+        row = await driver.fetchrow(connection, shape.driver, params)
+    else:
+        row = (await connection.execute(shape.statement, params)).first()
     if row is None:
         return None
     n_user, n_account = len(shape.user_columns), len(shape.account_columns)

@@ -34,7 +34,13 @@ def evaluate(
 ) -> list[Verdict]:
     """Verdicts for ``elements``; prerequisites are looked up in ``library`` (default: the
     same elements), so a single element can be judged against the whole library."""
-    achieved = {e.id for e in (elements if library is None else library) if is_achieved(e, user)}
+    done, tracked = user.achieved, user.track_events
+    # is_achieved, inlined: this runs over the whole library on every decision.
+    achieved = {
+        e.id
+        for e in (elements if library is None else library)
+        if e.id in done or (e.achieved_event is not None and e.achieved_event in tracked)
+    }
     verdicts: list[Verdict] = []
     for e in elements:
         if e.id in achieved:
