@@ -20,7 +20,7 @@ idempotency ledger is counted exactly. The processes get the tests' bootstrap ad
 (``NBV_ADMIN_KEY``), which the senders present as ``Authorization: Bearer``.
 
     .venv/bin/python bench/ingest.py [--events 200000] [--accounts 2000] [--users 20000]
-                                     [--processes 1] [--consumer-batch 10000]
+                                     [--processes 1] [--partitions 6] [--consumer-batch 10000]
 
 The last line is one JSON object: events_per_s, ratio_to_ceiling, mem_growth (and the parts).
 """
@@ -345,6 +345,9 @@ async def main() -> None:
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--consumer-batch", type=int, default=10_000)
     parser.add_argument("--processes", type=int, default=1, help="ingest processes (scale-out)")
+    parser.add_argument(
+        "--partitions", type=int, default=6, help="of the events topic (6: even for 1, 2, 3)"
+    )
     args = parser.parse_args()
 
     infra = infra_env()
@@ -352,6 +355,8 @@ async def main() -> None:
     bootstrap = infra["NBV_KAFKA_BOOTSTRAP"]
     events = make_events(args.events, args.accounts, args.users)
     url = await create_database(admin_url, "nbv_bench")
+    # Once, before the processes start (as a deployment runs `nbv migrate` before scaling out).
+    await migrate(url)
     raw_url = await create_database(admin_url, "nbv_bench_raw")
     log_dir = ROOT / ".nbv" / "bench"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -361,6 +366,7 @@ async def main() -> None:
         "NBV_KAFKA_BOOTSTRAP": bootstrap,
         "NBV_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:8]}.",
         "NBV_CONSUMER_BATCH_SIZE": str(args.consumer_batch),
+        "NBV_KAFKA_PARTITIONS": str(args.partitions),
         "NBV_LOG_LEVEL": "WARNING",
         "NBV_ADMIN_KEY": TEST_ADMIN_KEY,
     }
@@ -389,6 +395,7 @@ async def main() -> None:
                 "ingest_cpu_us_per_event": round(e2e["ingest_cpu_us_per_event"], 1),
                 "events": e2e["events"],
                 "processes": args.processes,
+                "partitions": args.partitions,
                 "consumer_batch": args.consumer_batch,
             }
         )

@@ -9,6 +9,7 @@ the rows go back into the cache after it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ from shared.worker import PoisonRecord
 log = logging.getLogger(__name__)
 
 CONSUMER = "projector"
+YIELD_EVERY = 500
 # One statement claims a whole batch, its ids as one JSON array (see view_rows.py for why).
 CLAIM_PG = (
     "INSERT INTO processed_events (consumer, event_id, processed_at) "
@@ -76,7 +78,6 @@ class Projector:
 
     async def handle(self, records: Sequence[Record]) -> None:
         events = decode_records(records)
-        written: Written | None = None
         async with self._rt.sessions() as session, session.begin():
             fresh = await self._claim(session, events)
             # Erased people stay erased on a replay: their events are claimed, then dropped.
@@ -123,7 +124,11 @@ class Projector:
         last_cause: dict[str, Event] = {}
         billing_changed: set[str] = set()
         # Event time, then id: the same batch folds the same way on every replay.
-        for event in sorted(events, key=lambda e: (e.time, e.id)):
+        for n, event in enumerate(sorted(events, key=lambda e: (e.time, e.id)), start=1):
+            if n % YIELD_EVERY == 0:
+                # A large batch folds for a good part of a second; the HTTP intake in the same
+                # process keeps answering meanwhile (its requests mostly wait on the broker).
+                await asyncio.sleep(0)
             account = accounts.get(event.account_id)
             if account is None:
                 account = accounts[event.account_id] = new_account(event)

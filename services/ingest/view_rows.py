@@ -11,10 +11,10 @@ Rows are *checked out* of the cache for a batch (the fold mutates them in place)
 in* only after the batch committed; a batch that fails leaves its rows out, so the next one
 loads what the store really holds.
 
-Writes are one statement per table per batch: on PostgreSQL an ``INSERT … SELECT FROM
-unnest(column arrays) ON CONFLICT DO UPDATE``, each column's values sent as one JSON array
-(see ``_prepare_postgres``). SQLite (embedded mode) loads every batch and writes through
-SQLAlchemy's cached multi-row upsert.
+Writes are one statement per table per batch: on PostgreSQL an ``INSERT … SELECT … ON
+CONFLICT DO UPDATE … RETURNING xmin`` whose parameters are the columns, each one JSON array of
+that column's values (see ``_prepare_postgres``). SQLite (embedded mode) loads every batch and
+writes through SQLAlchemy's cached multi-row upsert.
 """
 
 from __future__ import annotations
@@ -215,7 +215,3 @@ class ViewRows:
     def checkin(self, written: Written) -> None:
         self.accounts.checkin(written.accounts, written.account_versions)
         self.users.checkin(written.users, written.user_versions)
-
-    def clear(self) -> None:
-        self.users.cache.clear()
-        self.accounts.cache.clear()
