@@ -166,17 +166,7 @@ async def erase_user(
         )
     known = any(n for counts in (deleted, pseudonymised, updated) for n in counts.values())
     ERASURES.labels("yes" if known else "no").inc()
-    log.info(
-        "person erased",
-        extra={
-            "pseudonym": alias,
-            "known": known,
-            "deleted": deleted,
-            "pseudonymised": pseudonymised,
-            "updated": updated,
-        },
-    )
-    return ErasureReport(
+    report = ErasureReport(
         user_id=user_id,
         pseudonym=alias,
         known=known,
@@ -185,6 +175,9 @@ async def erase_user(
         pseudonymised=pseudonymised,
         updated=updated,
     )
+    # The log carries everything the caller got back except the id in clear.
+    log.info("person erased", extra=report.model_dump(exclude={"user_id", "erased_at"}))
+    return report
 
 
 async def _forget_contact(session: AsyncSession, user_id: str, home: str | None) -> int:
