@@ -37,6 +37,11 @@ DECISION_DURATION = Histogram(
     "Time to decide for one user",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
+DECISION_COMMIT_BATCH = Histogram(
+    "nbv_decision_commit_batch_size",
+    "Decisions logged, published and committed per transaction (group commit)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 EXCLUSIONS = Counter("nbv_exclusions_total", "Candidates excluded by a rule", ["rule"])
 DELIVERIES = Counter(
     "nbv_deliveries_total", "Deliveries by channel and outcome", ["channel", "outcome"]

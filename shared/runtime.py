@@ -29,7 +29,7 @@ class Runtime:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
-        engine = create_engine(settings.resolved_database_url)
+        engine = create_engine(settings.resolved_database_url, settings.db_pool_size)
         return cls(settings, create_bus(settings), engine, session_factory(engine))
 
     @cached_property

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     bus: BusKind = BusKind.EMBEDDED
     # Empty means: the embedded SQLite store under data_dir.
     database_url: str = ""
+    # Connections per process kept open (PostgreSQL): size it to the requests a process serves
+    # at once, since a connection opened beyond it is closed again when returned, and opening
+    # one costs several round trips. Up to the same number again opens under bursts.
+    db_pool_size: int = Field(default=30, ge=1, le=500)
     data_dir: Path = Path(".nbv/data")
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_client_id: str = "nbv"

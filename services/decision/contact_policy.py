@@ -29,7 +29,7 @@ from sqlalchemy import (
     type_coerce,
     union_all,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.decision.library import ValueElement
 from shared.contracts import HELD_CARD_STATUSES
@@ -316,11 +316,11 @@ def _utc(value: str) -> datetime:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
-async def csm_alerts_last_day(session: AsyncSession, csm_id: str, now: datetime) -> int:
+async def csm_alerts_last_day(connection: AsyncConnection, csm_id: str, now: datetime) -> int:
     """CSM alerts offered in the last 24 h over all the CSM's accounts (only when a decision
     may alert a CSM, so it is not part of the person's statement)."""
     return int(
-        await session.scalar(
+        await connection.scalar(
             select(func.count())
             .select_from(Contact)
             .where(Contact.csm_id == csm_id, Contact.channel == "csm", Contact.at > now - DAY)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from models.features import (
     Context,
@@ -37,14 +37,12 @@ from services.decision.contact_policy import (
     csm_alerts_last_day,
     history_horizon,
 )
-from services.decision.decision_log import write_decision
 from services.decision.explain import model_reasons, prior_reasons, reason
 from services.decision.library import Stage, ValueElement
 from services.decision.person import read_person
 from services.decision.playbooks import PlaybookSet
 from services.decision.policy import Exploration, Pick
 from services.decision.rules import evaluate
-from services.ingest.erasure import fence
 from services.ingest.summary import sophistication as area_sophistication
 from services.ingest.view import AccountState, UserState
 from services.ingest.windows import total as usage_total
@@ -61,8 +59,10 @@ class UnknownUser(LookupError):
 @dataclass(frozen=True)
 class Decided:
     message: DecisionMessage
-    # The ``decisions`` row as written (a dict: the log is written with Core).
+    # The ``decisions`` row to write (a dict: the log is written with Core) and its
+    # ``contacts`` rows, one per offered item (services.decision.decision_log).
     log: dict[str, Any]
+    contacts: list[dict[str, Any]]
     # Set when nothing could be offered only because of quiet hours: when to try again.
     deferred_until: datetime | None = None
 
@@ -196,7 +196,7 @@ class DecisionEngine:
 
     async def decide(
         self,
-        session: AsyncSession,
+        connection: AsyncConnection,
         user_id: str,
         *,
         channel: Channel | None,
@@ -205,16 +205,15 @@ class DecisionEngine:
         only: Sequence[str] | None = None,
         decision_id: str | None = None,
     ) -> Decided:
-        """Decide and add the decision log rows to the session (the caller commits).
+        """Decide for one person from what ``connection`` reads; the caller logs the result
+        (``decision_log.write_decisions``), which also drops it if the person was erased
+        meanwhile.
 
         ``only`` restricts the candidates (a playbook step offers its one element, still
         subject to every rule and the contact policy)."""
         started = time.perf_counter()
-        # Until the caller commits: an erasure of this person waits, or has finished.
-        await fence(session, exclusive=False)
         now = datetime.now(UTC)
         library, playbooks = self.library, self.playbooks
-        connection = await session.connection()
         # One round trip for the person, their account, preferences and contact history.
         person = await read_person(connection, user_id, now - library.horizon)
         if person is None:
@@ -242,7 +241,7 @@ class DecisionEngine:
             dismissed=user.dismissed,
             csm_id=csm_id,
             csm_load=(
-                await csm_alerts_last_day(session, csm_id, now)
+                await csm_alerts_last_day(connection, csm_id, now)
                 if wants_csm and csm_id is not None
                 else 0
             ),
@@ -382,29 +381,25 @@ class DecisionEngine:
                 for i in items
             ],
         )
-        await write_decision(
-            connection,
-            log,
-            [
-                {
-                    "decision_id": decision_id,
-                    "element_id": i.element_id,
-                    "user_id": user.user_id,
-                    "account_id": user.account_id,
-                    "csm_id": csm_id,
-                    "channel": i.channel.value,
-                    "at": now,
-                }
-                for i in items
-            ],
-        )
+        contacts = [
+            {
+                "decision_id": decision_id,
+                "element_id": i.element_id,
+                "user_id": user.user_id,
+                "account_id": user.account_id,
+                "csm_id": csm_id,
+                "channel": i.channel.value,
+                "at": now,
+            }
+            for i in items
+        ]
         deferred_until = None
         quiet = history.quiet
         if not items and candidates and all(c.excluded_by == "quiet_hours" for c in candidates):
             deferred_until = quiet.ends_after(now) if quiet else None
         MODEL_DECISIONS.labels(ranker.version).inc()
         DECISION_DURATION.observe(time.perf_counter() - started)
-        return Decided(message, log, deferred_until)
+        return Decided(message, log, contacts, deferred_until)
 
     @staticmethod
     def _rules_about(c: _Candidate, effects: RuleEffects) -> set[str]:

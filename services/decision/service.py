@@ -20,7 +20,9 @@ from models.ranker import RulePrior
 from models.routing import ServingModels
 from services.decision.admin import Launch, Launched, PlaybookList, admin_router
 from services.decision.contact_policy import ContactLimits, ContactPolicy
+from services.decision.decision_log import write_decisions
 from services.decision.engine import Decided, DecisionEngine, LibrarySnapshot, UnknownUser
+from services.decision.group_commit import DecisionCommitter
 from services.decision.library import (
     DEFAULT_LIBRARY,
     active_elements,
@@ -40,6 +42,7 @@ from services.decision.playbook_runs import (
 )
 from services.decision.playbooks import DEFAULT_PLAYBOOKS, Playbook, load_playbooks
 from services.decision.policy import make_policy
+from services.ingest.erasure import ErasureGuard, fence, pseudonym_key
 from services.ingest.view import AccountState
 from shared.access.scopes import Scope, requires
 from shared.bus import Message, Record
@@ -119,6 +122,11 @@ class DecisionService:
             load_playbooks(self._playbook_dir),
             self._csm_of,
             explain_items=s.decision_explain_items,
+        )
+        self.committer = DecisionCommitter(
+            runtime.sessions,
+            ErasureGuard(s) if pseudonym_key(s) is not None else None,
+            self._publish_or_refuse,
         )
         self._worker = runtime.worker(
             topics=["triggers"], group="decision", handler=self.handle_triggers
@@ -236,10 +244,19 @@ class DecisionService:
         if messages:
             await self._rt.bus.publish(self._rt.topic("decisions"), messages)
 
-    async def _commit_and_publish(self, session: AsyncSession, decided: Sequence[Decided]) -> None:
-        """Log first, publish, then commit: a decision is either logged and published, or
-        (publish failed) rolled back and refused."""
+    @staticmethod
+    async def _log(session: AsyncSession, decided: Sequence[Decided]) -> None:
+        """In the session's transaction, which took the erasure fence before reading."""
         await session.flush()
+        await write_decisions(
+            await session.connection(),
+            [d.log for d in decided],
+            [c for d in decided for c in d.contacts],
+        )
+
+    async def _publish_or_refuse(self, decided: Sequence[Decided]) -> None:
+        """Publish in the log's transaction: a decision is either logged and published, or
+        (publish failed) rolled back and refused."""
         try:
             await self._publish(decided)
         except Exception as exc:
@@ -247,7 +264,6 @@ class DecisionService:
             raise HTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE, "decision log unavailable"
             ) from exc
-        await session.commit()
 
     @staticmethod
     def _answer(d: Decided) -> NextBestValue:
@@ -273,24 +289,29 @@ class DecisionService:
 
         The chosen items are also handed to delivery (for ``in_app``: the person's inbox).
         """
-        async with self._rt.sessions() as session:
-            try:
-                decided = await self.engine.decide(session, user_id, channel=channel, limit=limit)
-            except UnknownUser:
-                if cold_start:
-                    return NextBestValue(
-                        decision_id=None,
-                        user_id=user_id,
-                        model_version="cold-start",
-                        cold_start=True,
-                        items=self.engine.cold_start(channel, limit),
-                    )
-                raise HTTPException(
-                    status.HTTP_404_NOT_FOUND,
-                    f"unknown user_id {user_id!r}: no events received for this user yet "
-                    "(add cold_start=true for the cold-start answer)",
-                ) from None
-            await self._commit_and_publish(session, [decided])
+        try:
+            # The read needs no transaction (one statement); the log is written by group
+            # commit with other requests' decisions (services.decision.group_commit).
+            async with self._rt.engine.connect() as connection:
+                decided = await self.engine.decide(
+                    connection, user_id, channel=channel, limit=limit
+                )
+            if await self.committer.commit([decided]):
+                raise UnknownUser(user_id)  # erased since the read
+        except UnknownUser:
+            if cold_start:
+                return NextBestValue(
+                    decision_id=None,
+                    user_id=user_id,
+                    model_version="cold-start",
+                    cold_start=True,
+                    items=self.engine.cold_start(channel, limit),
+                )
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                f"unknown user_id {user_id!r}: no events received for this user yet "
+                "(add cold_start=true for the cold-start answer)",
+            ) from None
         return self._answer(decided)
 
     @requires(Scope.DECISIONS_READ)
@@ -298,17 +319,20 @@ class DecisionService:
         """Decide for many people at once (one transaction, one publish)."""
         decided: list[Decided] = []
         errors: list[BatchError] = []
-        async with self._rt.sessions() as session:
+        async with self._rt.engine.connect() as connection:
             for user_id in dict.fromkeys(body.user_ids):
                 try:
                     decided.append(
                         await self.engine.decide(
-                            session, user_id, channel=body.channel, limit=body.limit
+                            connection, user_id, channel=body.channel, limit=body.limit
                         )
                     )
                 except UnknownUser:
                     errors.append(BatchError(user_id=user_id, error="unknown user_id"))
-            await self._commit_and_publish(session, decided)
+        erased = await self.committer.commit(decided)
+        if erased:
+            decided = [d for d in decided if d.message.user_id not in erased]
+            errors += [BatchError(user_id=u, error="unknown user_id") for u in sorted(erased)]
         return BatchResponse(results=[self._answer(d) for d in decided], errors=errors)
 
     @requires(Scope.DECISIONS_READ)
@@ -359,13 +383,15 @@ class DecisionService:
                     )
                 ).scalars()
             )
+            # Until the commit: an erasure waits, or has finished before anyone is read.
+            await fence(session, exclusive=False)
             decided: list[Decided] = []
             for trigger in triggers:
                 if trigger.id not in claimed:
                     continue
                 claimed.discard(trigger.id)  # a batch may carry the same trigger twice
                 decided.extend(await self._on_trigger(session, trigger))
-            await session.flush()
+            await self._log(session, decided)
             await self._publish(decided)
 
     async def _on_trigger(self, session: AsyncSession, trigger: TriggerEvent) -> list[Decided]:
@@ -395,7 +421,9 @@ class DecisionService:
         for user_id in user_ids:
             try:
                 decided.append(
-                    await self.engine.decide(session, user_id, channel=None, limit=1, trigger=name)
+                    await self.engine.decide(
+                        await session.connection(), user_id, channel=None, limit=1, trigger=name
+                    )
                 )
             except UnknownUser:
                 continue
@@ -449,9 +477,10 @@ class DecisionService:
         async with self._rt.sessions() as session:
             if await session.get(DecisionRow, decision_id) is not None:
                 return  # logged and published by an earlier run of this job
+            await fence(session, exclusive=False)
             try:
                 decided = await self.engine.decide(
-                    session,
+                    await session.connection(),
                     step.user_id,
                     channel=Channel(step.channel) if step.channel else None,
                     limit=1,
@@ -473,6 +502,6 @@ class DecisionService:
                     due_at=decided.deferred_until,
                     payload=job.payload,
                 )
-            await session.flush()
+            await self._log(session, [decided])
             await self._publish([decided])
             await session.commit()

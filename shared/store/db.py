@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def json_loads(text: str | bytes) -> Any:
         return json.loads(text)
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, pool_size: int = 10) -> AsyncEngine:
     parsed = make_url(url)
     json_codec: dict[str, Any] = {"json_serializer": json_dumps, "json_deserializer": json_loads}
     if parsed.get_backend_name() == "sqlite":
@@ -65,8 +66,8 @@ def create_engine(url: str) -> AsyncEngine:
     # client retries (docs/reliability.md), a consumer batch retried by the worker.
     return create_async_engine(
         url,
-        pool_size=10,
-        max_overflow=10,
+        pool_size=pool_size,
+        max_overflow=pool_size,
         pool_recycle=POOL_RECYCLE_S,
         pool_timeout=10,
         connect_args={"timeout": 10, "command_timeout": 30},
@@ -106,9 +107,20 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+# Alembic keeps the running migration's context in module globals (``alembic.context``), so
+# two upgrades in threads of one process would tear down each other's; processes are kept
+# apart by the advisory lock in migrations/env.py.
+_MIGRATING = threading.Lock()
+
+
+def _upgrade(url: str) -> None:
+    with _MIGRATING:
+        command.upgrade(alembic_config(url), "head")
+
+
 async def migrate(url: str) -> None:
-    """Bring the schema to the newest revision (safe to run from several processes)."""
-    await asyncio.to_thread(command.upgrade, alembic_config(url), "head")
+    """Bring the schema to the newest revision (safe to run from several processes at once)."""
+    await asyncio.to_thread(_upgrade, url)
 
 
 async def ping(engine: AsyncEngine) -> bool:

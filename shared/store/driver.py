@@ -1,11 +1,12 @@
-"""Hot-path statements run on the driver (asyncpg) connection of a SQLAlchemy transaction.
+"""Hot-path statements run on the driver (asyncpg) connection of a SQLAlchemy connection.
 
 A statement is still written with SQLAlchemy and compiled by its PostgreSQL dialect, once; only
 its execution skips SQLAlchemy's per-call machinery (execution context, bind and result
 processing, the greenlet hop), which on the decision path costs about as much CPU as
 asyncpg's own work (docs/decision.md, "Benchmark"). It runs on the connection, and so in the
 transaction, of the session or connection it is given: SQLAlchemy still owns the connection,
-BEGIN, COMMIT and ROLLBACK.
+BEGIN, COMMIT and ROLLBACK. A read may also run on a connection with no transaction (the
+decision's read: one statement, one snapshot, no BEGIN and COMMIT round trips).
 
 Parameters go through their types' bind processing, as SQLAlchemy would (JSON serialised,
 UTC datetimes checked). Rows come back as asyncpg records, unprocessed: timestamptz as aware UTC
@@ -54,8 +55,9 @@ class DriverStatement:
 async def _driver(connection: AsyncConnection) -> Any:
     driver: Any = (await connection.get_raw_connection()).driver_connection
     # SQLAlchemy begins lazily, at the first statement it runs itself; a statement run here
-    # before that would commit on its own, outside the caller's transaction.
-    if not driver.is_in_transaction():
+    # before that would commit on its own, outside the caller's transaction. Only a connection
+    # on which SQLAlchemy has begun nothing runs statements on their own (``fetchrow``).
+    if connection.in_transaction() and not driver.is_in_transaction():
         raise RuntimeError("run a statement through SQLAlchemy first: no transaction has begun")
     return driver
 
@@ -63,11 +65,23 @@ async def _driver(connection: AsyncConnection) -> Any:
 async def fetchrow(
     connection: AsyncConnection, statement: DriverStatement, params: Mapping[str, Any]
 ) -> Any:
-    """The first row (an asyncpg record), or None."""
-    return await (await _driver(connection)).fetchrow(statement.sql, *statement.args(params))
+    """The first row (an asyncpg record), or None. In the connection's transaction, or on its
+    own (one consistent snapshot) when SQLAlchemy has begun none on it."""
+    driver = await _driver(connection)
+    try:
+        return await driver.fetchrow(statement.sql, *statement.args(params))
+    except BaseException:
+        if driver.is_closed() and not connection.in_transaction():
+            # Outside a transaction no rollback follows to fail, so SQLAlchemy would return the
+            # dead connection to its pool: discard it here.
+            await connection.invalidate()
+        raise
 
 
 async def execute(
     connection: AsyncConnection, statement: DriverStatement, params: Mapping[str, Any]
 ) -> None:
+    """Within the connection's transaction: a write is never committed on its own here."""
+    if not connection.in_transaction():
+        raise RuntimeError("writes run in a transaction: begin one first")
     await (await _driver(connection)).execute(statement.sql, *statement.args(params))

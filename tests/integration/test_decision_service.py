@@ -3,6 +3,7 @@ and on the real PostgreSQL + Kafka (marked integration)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,19 +15,30 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from prometheus_client import REGISTRY
+from pydantic import SecretStr
+from sqlalchemy import func, select, text
 
 from models import registry_store
 from models.features import FEATURES, INDEX
 from models.train import train_ranker, training_meta
+from services.decision.engine import Decided
 from services.decision.playbook_runs import STEP_JOB
 from services.decision.service import DecisionService
+from services.ingest.erasure import erase_user, pseudonym_key
 from shared.bus import Message
 from shared.envelope import TriggerEvent, TriggerPayload, encode
 from shared.http import create_app
 from shared.runtime import Runtime
 from shared.settings import Settings
-from shared.store.models import AccountView, ChannelPreference, ScheduledJob, UserView
+from shared.store.models import (
+    AccountView,
+    ChannelPreference,
+    Contact,
+    DecisionRow,
+    ScheduledJob,
+    UserView,
+)
 from tests.harness import auth_headers, eventually
 
 NOW = datetime.now(UTC)
@@ -55,6 +67,8 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
             "quiet_hours_end": end,
             "model_poll_s": 0.2,
             "library_poll_s": 0.2,
+            # Erasure possible, so the decision log checks the erasure ledger.
+            "pseudonym_secret": SecretStr("test-pseudonym-secret-0123456789abcdef"),
         }
     )
 
@@ -354,3 +368,98 @@ async def test_a_campaign_is_launched_over_a_target_list_once(running: Running) 
     assert missing.status_code == 404
     listed = (await running.http.get("/v1/admin/playbooks")).json()
     assert "usage-drop" in {p["name"] for p in listed["playbooks"]} and listed["rules"]
+
+
+async def _decide(r: Running, user: str) -> Decided:
+    async with r.runtime.engine.connect() as connection:
+        return await r.service.engine.decide(connection, user, channel=None, limit=2)
+
+
+async def _logged(r: Running, decided: list[Decided]) -> set[str]:
+    ids = [d.message.decision_id for d in decided]
+    async with r.runtime.sessions() as session:
+        return set(await session.scalars(select(DecisionRow.id).where(DecisionRow.id.in_(ids))))
+
+
+async def test_group_commit_logs_concurrent_decisions_together(running: Running) -> None:
+    decided = [await _decide(running, u) for u in ("u-end", "u-champ", "u-admin") * 4]
+    batches = REGISTRY.get_sample_value("nbv_decision_commit_batch_size_count") or 0.0
+    committer = running.service.committer
+
+    # Handed over at once, they share one transaction (the writer starts after all of them).
+    erased = await asyncio.gather(*(committer.commit([d]) for d in decided))
+
+    assert erased == [set()] * len(decided)
+    assert REGISTRY.get_sample_value("nbv_decision_commit_batch_size_count") == batches + 1
+    assert await _logged(running, decided) == {d.message.decision_id for d in decided}
+    async with running.runtime.sessions() as session:
+        contacts = await session.scalar(
+            select(func.count())
+            .select_from(Contact)
+            .where(Contact.decision_id.in_([d.message.decision_id for d in decided]))
+        )
+    assert contacts == sum(len(d.message.items) for d in decided)
+
+
+async def test_group_commit_isolates_a_failing_decision(running: Running) -> None:
+    first, again, other = [await _decide(running, u) for u in ("u-end", "u-end", "u-champ")]
+    committer = running.service.committer
+    await committer.commit([first])
+    # The same decision id twice: the primary key refuses it, only for its own request.
+    duplicate = Decided(first.message, {**again.log, "id": first.log["id"]}, [])
+    outcomes = await asyncio.gather(
+        committer.commit([duplicate]), committer.commit([other]), return_exceptions=True
+    )
+    assert isinstance(outcomes[0], Exception)
+    assert outcomes[1] == set()
+    assert await _logged(running, [other]) == {other.message.decision_id}
+
+
+async def test_a_person_erased_between_read_and_log_gets_no_decision(running: Running) -> None:
+    decided = await _decide(running, "u-admin")
+    key = pseudonym_key(running.runtime.settings)
+    assert key is not None
+    async with running.runtime.sessions() as session, session.begin():
+        await erase_user(session, running.runtime.dialect, key, "u-admin", datetime.now(UTC))
+
+    assert await running.service.committer.commit([decided]) == {"u-admin"}
+    assert await _logged(running, [decided]) == set()
+    resp = await running.http.get("/v1/next-best-value", params={"user_id": "u-admin"})
+    assert resp.status_code == 404, resp.text
+
+
+@pytest.mark.integration
+async def test_decisions_recover_when_the_database_drops_its_connections(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    """The decision's read runs outside a transaction, where SQLAlchemy sees no failure: a
+    connection PostgreSQL closed must still be discarded, not handed to the next request."""
+    rt = Runtime.from_settings(kafka_settings.model_copy(update={"model_dir": tmp_path / "m"}))
+    service = DecisionService(rt)
+    app: FastAPI = create_app(rt, [lambda _: service])
+    async with app.router.lifespan_context(app):
+        await _seed(rt)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://nbv", headers=auth_headers()
+        ) as http:
+            params = {"user_id": "u-end"}
+            warm = await asyncio.gather(
+                *(http.get("/v1/next-best-value", params=params) for _ in range(8))
+            )
+            assert {r.status_code for r in warm} == {200}
+            async with rt.engine.connect() as connection:
+                killed = await connection.scalar(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+            assert killed
+            statuses = [
+                (await http.get("/v1/next-best-value", params=params)).status_code
+                for _ in range(2 * kafka_settings.db_pool_size + 2)
+            ]
+            # Each dead connection fails at most one request, with a retryable 503.
+            assert set(statuses) <= {200, 503}
+            assert statuses[-1] == 200

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from models.ranker import RulePrior
 from services.decision import engine as engine_module
 from services.decision.contact_policy import ContactLimits, ContactPolicy
+from services.decision.decision_log import write_decisions
 from services.decision.engine import Decided, DecisionEngine, LibrarySnapshot
 from services.decision.library import DEFAULT_LIBRARY, ValueElement, load_library
 from services.decision.playbooks import Condition, PlaybookSet, Rule
@@ -248,7 +249,9 @@ async def decide_in_a_row(
         try:
             await seed(session, s, datetime.now(UTC))
             for channel, limit in s.requests:
-                d = await engine.decide(session, USER, channel=channel, limit=limit)
+                connection = await session.connection()
+                d = await engine.decide(connection, USER, channel=channel, limit=limit)
+                await write_decisions(connection, [d.log], d.contacts)
                 decided.append(d)
                 if deliver:
                     for item in d.message.items:

@@ -1,0 +1,126 @@
+"""Group commit of the decision log: the decisions of concurrent requests are logged, published
+and committed together, in one transaction per batch instead of one per decision.
+
+A request decides on its own (one read, outside any transaction), hands its decisions over, and
+waits until they are committed: its answer is still sent only once its decisions are logged
+and published, or refused if that failed. One writer task drains the queue; while it writes a
+batch the next one gathers, so under load a transaction carries many decisions (its round
+trips, the fence, the erasure check and the Kafka produce request are shared) and at low load
+a decision waits for nobody.
+
+Erasure: the reads take no lock, so a person may be erased between a request's read and the
+write. The writer takes the erasure fence and then checks the ledger (a later statement, so a
+fresh snapshot that sees any erasure that committed meanwhile) and drops such decisions; the
+request then answers as for an unknown person.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.decision.decision_log import write_decisions
+from services.decision.engine import Decided
+from services.ingest.erasure import ErasureGuard, fence
+from shared.metrics import DECISION_COMMIT_BATCH
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Sequence[Decided]], Awaitable[None]]
+
+
+@dataclass
+class _Pending:
+    decided: Sequence[Decided]
+    # The people erased meanwhile (their decisions were dropped), or the write's error.
+    done: asyncio.Future[set[str]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class DecisionCommitter:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        guard: ErasureGuard | None,
+        publish: Publish,
+        max_decisions: int = 200,
+    ) -> None:
+        self._sessions = sessions
+        self._guard = guard
+        self._publish = publish
+        # Bounds a transaction's size (its statement's JSON, the produce request).
+        self._max = max_decisions
+        self._queue: deque[_Pending] = deque()
+        self._writer: asyncio.Task[None] | None = None
+
+    async def commit(self, decided: Sequence[Decided]) -> set[str]:
+        """Log, publish and commit ``decided``; returns the people whose decisions were
+        dropped because they were erased since. Raises what the write raised."""
+        if not decided:
+            return set()
+        pending = _Pending(decided)
+        self._queue.append(pending)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain(), name="decision-log-writer")
+        return await pending.done
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = [self._queue.popleft()]
+            size = len(batch[0].decided)
+            while self._queue and size + len(self._queue[0].decided) <= self._max:
+                size += len(self._queue[0].decided)
+                batch.append(self._queue.popleft())
+            await self._write_batch(batch)
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
+        try:
+            erased = await self._write([d for p in batch for d in p.decided])
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0], exc)
+                return
+            # One request's bad decision must not fail the others: each on its own.
+            log.warning("decision log batch failed; writing its requests one by one")
+            for pending in batch:
+                try:
+                    _settle(pending, await self._write(pending.decided))
+                except Exception as one:
+                    _settle(pending, one)
+            return
+        for pending in batch:
+            _settle(pending, erased)
+
+    async def _write(self, decided: Sequence[Decided]) -> set[str]:
+        DECISION_COMMIT_BATCH.observe(len(decided))
+        async with self._sessions() as session, session.begin():
+            if self._guard is None:
+                # Nobody can have been erased (no pseudonym key: erasure is refused); the
+                # fence still begins the transaction the log is written in.
+                await fence(session, exclusive=False)
+                erased: set[str] = set()
+            else:
+                erased = await self._guard.erased(session, {d.message.user_id for d in decided})
+            kept = [d for d in decided if d.message.user_id not in erased]
+            await write_decisions(
+                await session.connection(),
+                [d.log for d in kept],
+                [c for d in kept for c in d.contacts],
+            )
+            await self._publish(kept)
+        return erased
+
+
+def _settle(pending: _Pending, outcome: set[str] | BaseException) -> None:
+    if pending.done.done():  # the request was cancelled (client gone)
+        return
+    if isinstance(outcome, BaseException):
+        pending.done.set_exception(outcome)
+    else:
+        pending.done.set_result(outcome)
