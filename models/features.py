@@ -225,47 +225,86 @@ def rule_score(ctx: Context, el: ElementFacts) -> float:
 
 
 def build_matrix(ctx: Context, elements: Sequence[ElementFacts]) -> npt.NDArray[np.float64]:
+    """One row per element. Filled column by column: the per-context parts of the prior and
+    of the area features are computed once, not once per element (this runs on every
+    decision, over every eligible element)."""
+    n = len(elements)
+    rows = np.zeros((n, len(FEATURES)), dtype=np.float64)
+    if not n:
+        return rows
     base = context_vector(ctx)
-    total_usage = sum(ctx.feature_usage.values())
+    rows[:, [INDEX[name] for name in base]] = list(base.values())
     stage_now = ctx.stage()
-    rows = np.zeros((len(elements), len(FEATURES)), dtype=np.float64)
-    context_cols = [INDEX[name] for name in base]
-    rows[:, context_cols] = [base[name] for name in base]
-    for i, el in enumerate(elements):
-        row = rows[i]
-        row[INDEX["value_weight"]] = el.value_weight
-        row[INDEX["effort_minutes"]] = float(el.effort_minutes)
-        row[INDEX[f"kind_{el.kind}"]] = 1.0
-        row[INDEX[f"stage_{el.stage}"]] = 1.0
-        row[INDEX["stage_match"]] = float(el.stage == stage_now)
-        row[INDEX["role_match"]] = float(not el.roles or ctx.role in el.roles)
-        row[INDEX["area_usage"]] = (
-            math.log1p(ctx.feature_usage.get(el.feature_area, 0)) if el.feature_area else 0.0
-        )
-        row[INDEX["rule_score"]] = rule_score(ctx, el)
-        _area_columns(row, ctx, el.feature_area, total_usage)
+    usage = ctx.feature_usage
+    total_usage = sum(usage.values())
+    # The prior's needs that depend on the person only (see prior_factors).
+    detractor = ctx.last_nps is not None and ctx.last_nps <= 6
+    tickets = ctx.open_tickets > 0
+    usage_drop = ctx.usage_wow_change <= -0.5
+    index = np.arange(n)
+    rows[index, [INDEX[f"kind_{el.kind}"] for el in elements]] = 1.0
+    rows[index, [INDEX[f"stage_{el.stage}"] for el in elements]] = 1.0
+    area_rows = [i for i, el in enumerate(elements) if f"area_{el.feature_area}" in INDEX]
+    rows[area_rows, [INDEX[f"area_{elements[i].feature_area}"] for i in area_rows]] = 1.0
+    values: list[tuple[float, ...]] = []
+    for el in elements:
+        area = el.feature_area
+        used = usage.get(area, 0) if area else 0
+        need = 1.0
+        if detractor and el.kind == "human_touch":
+            need += 1.0
+        if tickets and el.kind in ("guide", "walkthrough", "video"):
+            need += 0.5
+        if area and used == 0:
+            need += 0.25
+        if usage_drop and el.stage in ("monitor", "engage"):
+            need += 0.5
+        stage_fit = 1.0 if el.stage == stage_now else 0.4
         times, days = ctx.offer_history.get(el.element_id, (0, NEVER_DAYS))
-        row[INDEX["times_offered"]] = float(times)
-        row[INDEX["days_since_offered"]] = days
-        achieved, dismissed = ctx.area_outcomes.get(el.feature_area or "", (0, 0))
-        row[INDEX["area_achieved"]], row[INDEX["area_dismissed"]] = achieved, dismissed
-        achieved, dismissed = ctx.kind_outcomes.get(el.kind, (0, 0))
-        row[INDEX["kind_achieved"]], row[INDEX["kind_dismissed"]] = achieved, dismissed
+        area_achieved, area_dismissed = ctx.area_outcomes.get(area or "", (0, 0))
+        kind_achieved, kind_dismissed = ctx.kind_outcomes.get(el.kind, (0, 0))
+        values.append(
+            (  # in the order of _ELEMENT_COLUMNS
+                el.value_weight,
+                el.effort_minutes,
+                el.stage == stage_now,
+                not el.roles or ctx.role in el.roles,
+                math.log1p(used) if area else 0.0,
+                el.value_weight * (stage_fit * need / (1 + el.effort_minutes / 60)),
+                used / total_usage if area and total_usage else 0.0,
+                ctx.area_sophistication.get(area, 0.0) if area else 0.0,
+                ctx.area_questions.get(area, 0) if area else 0,
+                times,
+                days,
+                area_achieved,
+                area_dismissed,
+                kind_achieved,
+                kind_dismissed,
+            )
+        )
+    rows[:, _ELEMENT_INDEX] = np.array(values, dtype=np.float64)
     return rows
 
 
-def _area_columns(
-    row: npt.NDArray[np.float64], ctx: Context, area: str | None, total_usage: int
-) -> None:
-    """How the person stands in the element's feature area (zeros when it has none)."""
-    if not area:
-        return
-    if f"area_{area}" in INDEX:
-        row[INDEX[f"area_{area}"]] = 1.0
-    used = ctx.feature_usage.get(area, 0)
-    row[INDEX["area_share"]] = used / total_usage if total_usage else 0.0
-    row[INDEX["area_sophistication"]] = ctx.area_sophistication.get(area, 0.0)
-    row[INDEX["area_questions"]] = float(ctx.area_questions.get(area, 0))
+# The per-element columns build_matrix fills, in the order it computes them.
+_ELEMENT_COLUMNS = (
+    "value_weight",
+    "effort_minutes",
+    "stage_match",
+    "role_match",
+    "area_usage",
+    "rule_score",
+    "area_share",
+    "area_sophistication",
+    "area_questions",
+    "times_offered",
+    "days_since_offered",
+    "area_achieved",
+    "area_dismissed",
+    "kind_achieved",
+    "kind_dismissed",
+)
+_ELEMENT_INDEX = [INDEX[name] for name in _ELEMENT_COLUMNS]
 
 
 def offer_history(ctx: Context, offers: Iterable[tuple[str, datetime]]) -> Context:
