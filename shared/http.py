@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from asyncpg.exceptions import InterfaceError as DriverInterfaceError
-from asyncpg.exceptions import PostgresError
+from asyncpg.exceptions import InternalClientError, PostgresError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -299,9 +299,11 @@ def create_app(runtime: Runtime, factories: Sequence[ServiceFactory]) -> FastAPI
     app.add_exception_handler(OperationalError, _store_unavailable)
     app.add_exception_handler(InterfaceError, _store_unavailable)
     app.add_exception_handler(PostgresError, _driver_error)
-    # asyncpg's own "connection is closed" / "does not exist": the connection was lost under
-    # a statement run on the driver (shared.store.driver), which discarded it.
+    # asyncpg's own "connection is closed" / "does not exist" / "another operation is in
+    # progress": the connection was lost or broken under a statement run on the driver
+    # (shared.store.driver), which discarded it; a retry gets another.
     app.add_exception_handler(DriverInterfaceError, _store_unavailable)
+    app.add_exception_handler(InternalClientError, _store_unavailable)
     app.add_exception_handler(OSError, _driver_error)
     # Inside the metrics middleware, so refused bodies are counted as 413s.
     app.add_middleware(BodySizeLimitMiddleware, limit=runtime.settings.max_body_bytes)

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.decision.decision_log import write_decisions
 from services.decision.engine import Decided
@@ -46,12 +46,12 @@ class _Pending:
 class DecisionCommitter:
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        engine: AsyncEngine,
         guard: ErasureGuard | None,
         publish: Publish,
         max_decisions: int = 200,
     ) -> None:
-        self._sessions = sessions
+        self._engine = engine
         self._guard = guard
         self._publish = publish
         # Bounds a transaction's size (its statement's JSON, the produce request).
@@ -99,17 +99,19 @@ class DecisionCommitter:
 
     async def _write(self, decided: Sequence[Decided]) -> set[str]:
         DECISION_COMMIT_BATCH.observe(len(decided))
-        async with self._sessions() as session, session.begin():
+        # A Core connection: the ORM's session would only add cost to these statements.
+        async with self._engine.connect() as connection, connection.begin():
             if self._guard is None:
                 # Nobody can have been erased (no pseudonym key: erasure is refused); the
                 # fence still begins the transaction the log is written in.
-                await fence(session, exclusive=False)
+                await fence(connection, exclusive=False)
                 erased: set[str] = set()
             else:
-                erased = await self._guard.erased(session, {d.message.user_id for d in decided})
+                users = {d.message.user_id for d in decided}
+                erased = await self._guard.erased(connection, users)
             kept = [d for d in decided if d.message.user_id not in erased]
             await write_decisions(
-                await session.connection(),
+                connection,
                 [d.log for d in kept],
                 [c for d in kept for c in d.contacts],
             )

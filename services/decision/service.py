@@ -124,7 +124,7 @@ class DecisionService:
             explain_items=s.decision_explain_items,
         )
         self.committer = DecisionCommitter(
-            runtime.sessions,
+            runtime.engine,
             ErasureGuard(s) if pseudonym_key(s) is not None else None,
             self._publish_or_refuse,
         )

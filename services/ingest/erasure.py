@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 from sqlalchemy import String, Table, cast, delete, or_, select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from services.delivery.signing import keyed_digest
 from services.ingest.triggers import TriggerName
@@ -71,11 +71,12 @@ def pseudonym(key: bytes, user_id: str) -> str:
     return PSEUDONYM_PREFIX + keyed_digest(key, user_id)
 
 
-async def fence(session: AsyncSession, *, exclusive: bool) -> None:
+async def fence(session: AsyncSession | AsyncConnection, *, exclusive: bool) -> None:
     """Order this transaction against erasures (released at commit or rollback). Everything
     that reads a person and then writes about them takes it: the projector, the decision
     engine and delivery, shared; an erasure, exclusively."""
-    if session.get_bind().dialect.name != "postgresql":
+    bind = session if isinstance(session, AsyncConnection) else session.get_bind()
+    if bind.dialect.name != "postgresql":
         return
     await session.execute(_EXCLUSIVE if exclusive else _SHARED, {"key": _FENCE})
 
@@ -210,7 +211,9 @@ class ErasureGuard:
         # Without a key nobody can have been erased (the endpoint refuses), so nothing to ask.
         self._key = pseudonym_key(settings)
 
-    async def erased(self, session: AsyncSession, user_ids: Iterable[str]) -> set[str]:
+    async def erased(
+        self, session: AsyncSession | AsyncConnection, user_ids: Iterable[str]
+    ) -> set[str]:
         """The erased among ``user_ids``, in one indexed lookup, taken after any erasure in
         progress has committed (the batch then sees it)."""
         if self._key is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from asyncpg.exceptions import PostgresError
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
@@ -70,10 +71,13 @@ async def fetchrow(
     driver = await _driver(connection)
     try:
         return await driver.fetchrow(statement.sql, *statement.args(params))
+    except PostgresError:
+        raise  # the server refused the statement; the connection is fine
     except BaseException:
-        if driver.is_closed() and not connection.in_transaction():
-            # Outside a transaction no rollback follows to fail, so SQLAlchemy would return the
-            # dead connection to its pool: discard it here.
+        if not connection.in_transaction():
+            # Lost, or interrupted mid-statement (cancelled): outside a transaction no
+            # rollback follows to fail, so SQLAlchemy would hand the connection to the next
+            # request as it is. Discard it here.
             await connection.invalidate()
         raise
 
