@@ -347,6 +347,16 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port)], env=env)
     try:
         _wait_ready(port)
+        # What the server burns with no request at all (consumers, pollers, the scheduler): a
+        # share of every per-request CPU figure below, the larger the lower the rate.
+        idle_before = _cpu_seconds(server.pid)
+        time.sleep(5)
+        idle_after = _cpu_seconds(server.pid)
+        idle_pct = (
+            round((idle_after - idle_before) / 5 * 100, 1)
+            if idle_before is not None and idle_after is not None
+            else None
+        )
         levels = [int(n) for n in args.levels.split(",")]
         decisions = [run_load(port, "nbv", c, args.seconds, server_pid=server.pid) for c in levels]
         peak = max(decisions, key=lambda r: r["per_s"])
@@ -372,6 +382,7 @@ def main() -> None:
         "trivial_per_s": round(trivial_peak, 1),
         "server_cpu_ms_per_decision": peak["server_cpu_ms"],
         "server_cpu_ms_per_trivial": trivial_best["server_cpu_ms"],
+        "server_idle_cpu_pct": idle_pct,
         "errors": sum(r["errors"] for r in decisions) + half["errors"],
     }
     print(json.dumps(summary), file=sys.stderr)
