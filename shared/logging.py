@@ -71,7 +71,7 @@ def scrub(value: Any, key: str = "") -> Any:
 
 class RedactingJsonFormatter(JsonFormatter):
     # Fields the formatter itself fills in: their names contain no secret, but "logger" values
-    # like "services.delivery.signing" must not be taken for one.
+    # like "shared.signing" must not be taken for one.
     _OWN_FIELDS = frozenset({"time", "level", "logger", "service", "message", "exc_info"})
 
     def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:

@@ -20,11 +20,11 @@ from aiosmtpd.controller import Controller
 from fastapi import FastAPI, Request, Response
 
 from services.app import build_app
-from services.delivery.signing import SIGNATURE_HEADER, verify_webhook_signature
 from shared.bus import Message, create_bus
 from shared.contracts import DecidedItem, DecisionMessage, ElementContent, Resource
 from shared.envelope import Channel
 from shared.settings import Settings
+from shared.signing import SIGNATURE_HEADER, verify_webhook_signature
 from tests.harness import free_port
 
 WEBHOOK_SECRET = "whsec-test"

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin
 
-from services.delivery.signing import BadToken, sign_token, verify_token
 from shared.envelope import Channel
+from shared.signing import BadToken, sign_token, verify_token
 
 CLICK = "click"
 UNSUBSCRIBE = "unsub"

@@ -28,7 +28,6 @@ from services.delivery.preferences import (
     save_preferences,
 )
 from services.delivery.responses import UNSNOOZE_JOB, ResponseAccepted, Responses
-from services.delivery.signing import BadToken
 from services.delivery.stream import card_events
 from services.delivery.tracking import Tracking
 from shared.access import publishable
@@ -36,6 +35,7 @@ from shared.access.scopes import Scope, public, requires
 from shared.envelope import Channel, Identifier
 from shared.runtime import Runtime
 from shared.scheduler import SchedulerWorker
+from shared.signing import BadToken
 from shared.store.models import Delivery
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from services.delivery.links import Links
 from services.delivery.preferences import disable_channel
 from services.delivery.responses import Responses, response_event
-from services.delivery.signing import BadToken
 from shared.access.scopes import public
 from shared.envelope import Channel, Outcome
 from shared.runtime import Runtime
+from shared.signing import BadToken
 
 log = logging.getLogger(__name__)
 

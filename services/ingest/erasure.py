@@ -26,11 +26,11 @@ from pydantic import BaseModel, Field
 from sqlalchemy import String, Table, cast, delete, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from services.delivery.signing import keyed_digest
 from services.ingest.triggers import TriggerName
 from shared.envelope import Event
 from shared.metrics import ERASED_EVENTS_DROPPED, ERASURES
 from shared.settings import Settings
+from shared.signing import keyed_digest
 from shared.store.db import upsert
 from shared.store.models import (
     AccountView,

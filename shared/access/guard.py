@@ -27,12 +27,12 @@ from cachetools import TTLCache
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from services.delivery.signing import BadToken
 from shared.access import keys, publishable
 from shared.access.ratelimit import RateLimiter
 from shared.access.scopes import Rule, Scope, grants
 from shared.metrics import AUTH_FAILURES, RATE_LIMITED
 from shared.runtime import Runtime
+from shared.signing import BadToken
 from shared.store.models import ApiKey
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.delivery.signing import BadToken, sign_token, verify_token
 from shared.envelope import Identifier
+from shared.signing import BadToken, sign_token, verify_token
 
 PUBLISHABLE_PREFIX = "nbv_pk_"
 _KIND = "widget"

@@ -11,7 +11,6 @@ import pytest
 from pydantic import ValidationError
 
 from services.delivery.links import Click, Links
-from services.delivery.signing import BadToken
 from shared.access import keys, publishable
 from shared.access.guard import AccessDenied, Principal, _credential
 from shared.access.ratelimit import RateLimiter, TokenBucket
@@ -19,6 +18,7 @@ from shared.access.scopes import ADMIN_ONLY, PUBLIC, Rule, Scope, grants, public
 from shared.envelope import Channel
 from shared.logging import redact
 from shared.settings import Settings
+from shared.signing import BadToken
 
 SECRET = b"signing-test"
 NOW = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)

@@ -4,14 +4,14 @@ import pytest
 
 from services.delivery.ledger import backoff_s, delivery_key
 from services.delivery.links import Click, Links
-from services.delivery.signing import (
+from shared.envelope import Channel
+from shared.signing import (
     BadToken,
     sign_token,
     verify_token,
     verify_webhook_signature,
     webhook_signature,
 )
-from shared.envelope import Channel
 
 SECRET = b"s3cret"
 

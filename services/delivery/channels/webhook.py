@@ -11,9 +11,9 @@ from pydantic import BaseModel
 
 from services.delivery.channels.base import Outbound, SendFailed
 from services.delivery.links import Links
-from services.delivery.signing import SIGNATURE_HEADER, webhook_signature
 from shared.contracts import Resource
 from shared.settings import Settings
+from shared.signing import SIGNATURE_HEADER, webhook_signature
 
 # Receivers that are overloaded or rate-limiting say so with these; anything else 4xx is final.
 RETRYABLE_STATUS = frozenset({408, 425, 429})
