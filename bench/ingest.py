@@ -20,7 +20,7 @@ idempotency ledger is counted exactly. The processes get the tests' bootstrap ad
 (``NBV_ADMIN_KEY``), which the senders present as ``Authorization: Bearer``.
 
     .venv/bin/python bench/ingest.py [--events 200000] [--accounts 2000] [--users 20000]
-                                     [--processes 1] [--partitions 6] [--consumer-batch 10000]
+                                     [--processes 1] [--partitions 6] [--consumer-batch 30000]
 
 The last line is one JSON object: events_per_s, ratio_to_ceiling, mem_growth (and the parts).
 """
@@ -45,13 +45,15 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
-from sqlalchemy import func, select  # noqa: E402
+from aiokafka.partitioner import murmur2  # noqa: E402
+from sqlalchemy import func, select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine  # noqa: E402
 
 from services.ingest.projector import CLAIM_PG  # noqa: E402
 from services.ingest.view import AccountState, UserState  # noqa: E402
 from services.ingest.view_rows import ViewRows  # noqa: E402
+from shared.bus.kafka import MAX_PARTITION_FETCH_BYTES  # noqa: E402
 from shared.store.db import migrate  # noqa: E402
 from shared.store.models import AccountView, ProcessedEvent, UserView  # noqa: E402
 from tests.harness import (  # noqa: E402
@@ -156,9 +158,64 @@ async def applied(engine: AsyncEngine) -> int:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU a process has used so far (noisy neighbours inflate wall time, less
-    this)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    this); 0 for a process that is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def kafka_pids() -> list[int]:
+    """The local broker's JVM(s), found by their main class (none if Kafka runs elsewhere)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"kafka.Kafka\0" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+async def database_backends(engine: AsyncEngine) -> set[int]:
+    """PostgreSQL backends connected to the benchmark's database (the ingest processes' pools):
+    their CPU is the store's share of the work, where the server's total also counts other
+    databases on the same server."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+        return {int(pid) for (pid,) in rows}
+
+
+class CpuMeter:
+    """CPU used by the store's backends and the broker while the clock runs, read from /proc
+    (so only when PostgreSQL and Kafka run on this machine, as infra.sh starts them). Backends
+    that come and go in between are counted from when first seen."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._backend_start: dict[int, float] = {}
+        self._backend_last: dict[int, float] = {}
+        self._kafka_start = {pid: cpu_seconds(pid) for pid in kafka_pids()}
+
+    async def sample(self) -> None:
+        for pid in await database_backends(self._engine):
+            used = cpu_seconds(pid)
+            self._backend_start.setdefault(pid, used)
+            self._backend_last[pid] = used
+
+    def postgres(self) -> float:
+        return sum(self._backend_last[p] - self._backend_start[p] for p in self._backend_last)
+
+    def kafka(self) -> float:
+        return sum(cpu_seconds(p) - start for p, start in self._kafka_start.items())
 
 
 async def claimed(engine: AsyncEngine) -> int:
@@ -209,6 +266,8 @@ async def end_to_end(
                     else:
                         raise RuntimeError(f"batch refused: {resp.status_code} {resp.text[:200]}")
 
+        meter = CpuMeter(engine)
+        await meter.sample()
         cpu_at_start = sum(cpu_seconds(p.proc.pid) for p in procs)
         start = time.perf_counter()
         senders = asyncio.gather(*(sender(i) for i in range(SENDERS)))
@@ -216,7 +275,11 @@ async def end_to_end(
         http_done: float | None = None
         total = len(events)
         mark = min(100_000, total // 2)
+        polls = 0
         while True:
+            polls += 1
+            if polls % 20 == 0:
+                await meter.sample()  # every 2 s: new backends, and the CPU of the known
             if http_done is None and senders.done():
                 senders.result()
                 http_done = time.perf_counter() - start
@@ -230,9 +293,11 @@ async def end_to_end(
                     raise RuntimeError(f"ingest exited:\n{proc.log_tail()}")
             await asyncio.sleep(0.1)
         elapsed = time.perf_counter() - start
+        await meter.sample()
         await senders
         mem_end = sum(rss_bytes(p.proc.pid) for p in procs)
         cpu = sum(cpu_seconds(p.proc.pid) for p in procs) - cpu_at_start
+        kafka_cpu = meter.kafka()
         assert mem_100k is not None
         ledger = await claimed(engine)
         if ledger != total:
@@ -246,6 +311,9 @@ async def end_to_end(
             "mem_end_mb": mem_end / 2**20,
             "mem_growth": (mem_end - mem_100k) / mem_100k,
             "ingest_cpu_us_per_event": 1e6 * cpu / total,
+            "postgres_cpu_us_per_event": 1e6 * meter.postgres() / total,
+            # The broker serves every client on this machine: other work shows up here too.
+            "kafka_cpu_us_per_event": 1e6 * kafka_cpu / total,
         }
     finally:
         for proc in procs:
@@ -254,10 +322,12 @@ async def end_to_end(
 
 
 async def kafka_ceiling(events: list[dict[str, Any]], bootstrap: str) -> float:
-    """Raw aiokafka: produce every payload, then consume them all, no processing."""
+    """Raw aiokafka: produce every payload, then consume them all, no processing. Produced
+    as the bus produces a request's events (shared/bus/kafka.py): record batches built per
+    partition, in requests of HTTP_BATCH; consumed with the bus's fetch size."""
     topic = f"bench-raw-{uuid.uuid4().hex[:8]}"
     payloads = [(e["account_id"].encode(), json.dumps(e).encode()) for e in events]
-    # Configured as the bus configures its producer (shared/bus/kafka.py).
+    # Configured as the bus configures its producer and consumer.
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         acks="all",
@@ -271,19 +341,34 @@ async def kafka_ceiling(events: list[dict[str, Any]], bootstrap: str) -> float:
         group_id=f"bench-raw-{uuid.uuid4().hex[:8]}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
     )
     await producer.start()
     start = time.perf_counter()
     try:
-        futures = [await producer.send(topic, value=v, key=k) for k, v in payloads]
-        await asyncio.gather(*futures)
+        partitions = sorted(await producer.partitions_for(topic))
+        for i in range(0, len(payloads), HTTP_BATCH):
+            builders: dict[int, Any] = {}
+            futures = []
+            for key, value in payloads[i : i + HTTP_BATCH]:
+                partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+                builder = builders.get(partition)
+                if builder is None:
+                    builder = builders[partition] = producer.create_batch()
+                if builder.append(timestamp=None, key=key, value=value) is None:
+                    futures.append(await producer.send_batch(builder, topic, partition=partition))
+                    builder = builders[partition] = producer.create_batch()
+                    builder.append(timestamp=None, key=key, value=value)
+            for partition, builder in builders.items():
+                futures.append(await producer.send_batch(builder, topic, partition=partition))
+            await asyncio.gather(*futures)
     finally:
         await producer.stop()
     await consumer.start()
     try:
         seen = 0
         while seen < len(payloads):
-            batch = await consumer.getmany(timeout_ms=1_000, max_records=2_000)
+            batch = await consumer.getmany(timeout_ms=1_000, max_records=30_000)
             seen += sum(len(v) for v in batch.values())
             await consumer.commit()
     finally:
@@ -343,7 +428,7 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--accounts", type=int, default=2_000)
     parser.add_argument("--users", type=int, default=20_000)
-    parser.add_argument("--consumer-batch", type=int, default=10_000)
+    parser.add_argument("--consumer-batch", type=int, default=30_000)
     parser.add_argument("--processes", type=int, default=1, help="ingest processes (scale-out)")
     parser.add_argument(
         "--partitions", type=int, default=6, help="of the events topic (6: even for 1, 2, 3)"
@@ -393,6 +478,8 @@ async def main() -> None:
                 "ceiling_postgres": round(pg),
                 "http_accept_per_s": round(e2e["http_accept_per_s"]),
                 "ingest_cpu_us_per_event": round(e2e["ingest_cpu_us_per_event"], 1),
+                "postgres_cpu_us_per_event": round(e2e["postgres_cpu_us_per_event"], 1),
+                "kafka_cpu_us_per_event": round(e2e["kafka_cpu_us_per_event"], 1),
                 "events": e2e["events"],
                 "processes": args.processes,
                 "partitions": args.partitions,

@@ -206,6 +206,14 @@ def new_account(event: Event) -> AccountState:
     )
 
 
+def _fields(state: BaseModel) -> dict[str, Any]:
+    """The model's field values, to write in place. The fold runs once per event and sets
+    several fields each time; pydantic's assignment (no validation is configured) only adds
+    bookkeeping nothing here reads (``model_fields_set``) and cost ~10 % of the fold. The values
+    written are the same types the fields declare."""
+    return state.__dict__
+
+
 def _bump(counter: dict[str, int], key: str, by: int = 1) -> None:
     counter[key] = counter.get(key, 0) + by
 
@@ -248,16 +256,18 @@ def apply_to_user(
     """Fold one (not yet applied) event into the user's view; return the triggers it fires."""
     triggers: list[Trigger] = []
     at = event.time
-    # Assigned only when they change: assignment is the costly part of a pydantic model.
-    if user.account_id != event.account_id:
-        user.account_id = event.account_id
-    if at < user.first_seen:
-        user.first_seen = at
-    if at > user.last_seen:
-        user.last_seen = at
-    if at > user.updated_at:
-        user.updated_at = at
-    user.event_count += 1
+    # The fields every event touches are written straight into the model's __dict__ (see
+    # _fields); the rarer ones below go through pydantic's assignment.
+    fields = _fields(user)
+    if fields["account_id"] != event.account_id:
+        fields["account_id"] = event.account_id
+    if at < fields["first_seen"]:
+        fields["first_seen"] = at
+    if at > fields["last_seen"]:
+        fields["last_seen"] = at
+    if at > fields["updated_at"]:
+        fields["updated_at"] = at
+    fields["event_count"] += 1
     _bump(user.event_counts, event.type)
     usage = _usage_area(event)
     if usage is not None:
@@ -335,7 +345,7 @@ def _user_usage(
     newest = at if last_active is None or at > last_active else last_active
     windows.add(user.daily_usage, at, newest, config.keep_days)
     if newest is not last_active:
-        user.last_active = newest
+        _fields(user)["last_active"] = newest
     per_area = user.area_events.setdefault(area, {})
     _bump(per_area, name)
     return triggers
@@ -397,13 +407,14 @@ def apply_to_account(
 ) -> list[Trigger]:
     triggers: list[Trigger] = []
     at = event.time
-    if at < account.first_seen:
-        account.first_seen = at
-    if at > account.last_seen:
-        account.last_seen = at
-    if at > account.updated_at:
-        account.updated_at = at
-    account.event_count += 1
+    fields = _fields(account)
+    if at < fields["first_seen"]:
+        fields["first_seen"] = at
+    if at > fields["last_seen"]:
+        fields["last_seen"] = at
+    if at > fields["updated_at"]:
+        fields["updated_at"] = at
+    fields["event_count"] += 1
     usage = _usage_area(event)
     if usage is not None:
         area = usage[0]

@@ -72,3 +72,39 @@ async def test_uncommitted_records_are_redelivered(kafka_bootstrap: str, topic_p
     assert [r.value for r in await _read(retry, 2)] == [b"one", b"two"]
     await retry.stop()
     await bus.stop()
+
+
+async def test_batched_publish_partitions_as_single_sends_and_keeps_order(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    # A many-message publish builds its own record batches; a one-message publish goes through
+    # the producer's send(). Both must put a key on the same partition (the default
+    # partitioner's), or one account's events could be consumed out of order.
+    topic = f"{topic_prefix}events"
+    bus = KafkaBus(kafka_bootstrap, topics=[topic], partitions=4)
+    await bus.start()
+    keys = [f"acct-{i}" for i in range(40)]
+    for key in keys:
+        await bus.publish(topic, [Message(key, f"{key}|single".encode())])
+    # ~1.1 MB to the 4 partitions: several batches fill up (256 KiB) mid-publish.
+    filler = "x" * 1_000
+    many = [Message(k, f"{k}|{i}|{filler}".encode()) for i in range(28) for k in keys]
+    await bus.publish(topic, many)
+
+    consumer = bus.consumer([topic], f"{topic_prefix}g")
+    await consumer.start()
+    records = await _read(consumer, len(keys) + len(many))
+    await consumer.stop()
+    await bus.stop()
+    assert len(records) == len(keys) + len(many)
+    partitions: dict[str, set[int]] = {}
+    sequence: dict[str, list[str]] = {}
+    for r in records:
+        partitions.setdefault(r.key, set()).add(r.partition)
+        sequence.setdefault(r.key, []).append(r.value.decode().split("|")[1])
+    assert all(len(p) == 1 for p in partitions.values())
+    assert len({p for ps in partitions.values() for p in ps}) == 4
+    expected = ["single", *(str(i) for i in range(28))]
+    assert all(seq == expected for seq in sequence.values())
+    # Headers travel with batched records too (the bus adds the trace id).
+    assert all(dict(r.headers).get("nbv-trace-id") for r in records)
