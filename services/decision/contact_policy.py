@@ -88,6 +88,11 @@ class ContactHistory:
     _counts: dict[tuple[str, datetime], tuple[int, int]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # The channel rules' verdict per (channel, time), for checks that count no items of the
+    # decision being made: the same for every element (ContactPolicy.resolve).
+    channel_verdicts: dict[tuple[Channel, datetime], Exclusion | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @cached_property
     def _last_offered(self) -> dict[str, datetime]:
@@ -249,7 +254,16 @@ class ContactPolicy:
         options: Sequence[Channel] = [requested] if requested else element.channels
         first: Exclusion | None = None
         for channel in options:
-            blocked = self.channel_exclusion(channel, history, now, used)
+            if used:
+                blocked = self.channel_exclusion(channel, history, now, used)
+            else:
+                key = (channel, now)
+                if key in history.channel_verdicts:
+                    blocked = history.channel_verdicts[key]
+                else:
+                    blocked = history.channel_verdicts[key] = self.channel_exclusion(
+                        channel, history, now
+                    )
             if blocked is None:
                 return channel, None
             first = first or blocked

@@ -3,7 +3,6 @@ policy, rank what is left, arbitrate, explore, log, and say why."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections import Counter
@@ -294,12 +293,13 @@ class DecisionEngine:
             used[item_channel.value] += 1
             chosen.append((pick.index, pick, item_channel))
 
-        # SHAP values cost about a millisecond per row on a 200-tree model, so only the top
-        # ``explain_items`` get them; LightGBM releases the GIL, so a worker thread keeps the
-        # event loop serving meanwhile.
+        # SHAP values cost about 0.4 ms per row on a 200-tree model of 15 leaves, so only the
+        # top ``explain_items`` get them. In this thread: handing them to a worker thread cost
+        # more CPU per decision (the hand-off, and the two threads trading the GIL) than the
+        # event loop would have gained (measured: docs/decision.md, "Benchmark").
         explained = [i for i, _, _ in chosen[: self.explain_items]]
         contributions = (
-            await asyncio.to_thread(ranker.contributions, matrix[explained])
+            ranker.contributions(matrix[explained])
             if explained and ranker.kind != "rules"
             else None
         )
