@@ -6,20 +6,26 @@ dismissal, quiet hours). They differ only in how the eligible elements are ranke
 
 - random: the API with ε = 1: uniform among the eligible elements, slot by slot;
 - rules:  the API's rule prior, ε = 0;
-- ranker: the API with ε-greedy exploration (logged propensities), a LightGBM ranker retrained
-  after every week from that process's own store (export → train → off-policy estimate →
-  register and promote; the decision service hot-swaps the champion, no restart).
+- ranker: the API with the exploration of the train config's ``evaluate`` target (ε-greedy,
+  NBV's default ε = 0.1; logged propensities), serving the rule prior in week 0, then a
+  LightGBM ranker retrained after every week from that process's own store (export → train →
+  off-policy estimate → register and promote; the decision service hot-swaps the champion, no
+  restart).
 
 Time: each NBV process runs on the simulator's clock (``models.simulator.clock``), which moves
 one simulated day at a time, so a week takes seconds and every time rule of the contact policy,
 the snoozes, the usage windows and triggers, and the playbook delays work as they would in
 production.
 
-Off-policy: before each promotion the value of the new model (completions per first card, under
-the ε-greedy policy it will serve with) is estimated on the held-out end of its training log,
-i.e. from the logs of the policy that was serving; the value it then achieves is measured on the
-decisions it served, from the same export (late completions from the inbox count for both).
-Same world seed for every policy (common random numbers).
+Off-policy: before each promotion the value of the new model — completions of the first card
+per decision, under the exploration it will serve with — is estimated on the held-out end of
+its training log, i.e. from the logs of the policy that was serving. The value it then achieves
+is the same quantity on the decisions it served. Both count a completion only within
+``--reward-window-h`` of the decision and only decisions whose window had closed when they were
+measured (a card left in the inbox can be completed days later, which the newest held-out
+decisions have not had time for). ``ope_rel_error`` is the error of the capped DR estimate (see
+``models/configs/one_card.yaml``) on the decision-weighted means over the retrains. Same world
+seed for every policy (common random numbers).
 
 Usage: python bench/lift.py [--quick] [--accounts N] [--weeks W] [--seed S]
 Last line: {"lift_vs_rules": …, "lift_vs_random": …, "ope_rel_error": …}
@@ -44,7 +50,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.evaluate import evaluate_model, first_card_value
+from models.evaluate import TargetPolicy, evaluate_model, first_card_value
 from models.export import load_log
 from models.fit import TrainConfig, save_trained, train_from_log
 from models.logdata import LogData
@@ -58,6 +64,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "models" / "configs" / "one_card.yaml"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ARMS = ("random", "rules", "ranker")
+# Sessions start at 09:00 each simulated day: a 12-hour window counts the completions of the
+# day the card was offered. Later ones (a card left in the inbox, finished days later) are not
+# yet seen for the newest held-out decisions when the estimate is made; counting them for the
+# achieved value only would compare two different quantities.
+REWARD_WINDOW_H = 12.0
 
 
 @dataclass
@@ -88,13 +99,17 @@ class Outcome:
         return self.weeks[-1].retained_users if self.weeks else 0.0
 
 
-def process_env(folder: Path, epsilon: float, seed: int, clock: SharedClock) -> dict[str, str]:
+def process_env(
+    folder: Path, policy: TargetPolicy, seed: int, clock: SharedClock
+) -> dict[str, str]:
     return {
         "NBV_BUS": "embedded",
         "NBV_DATABASE_URL": "",
         "NBV_DATA_DIR": str(folder / "data"),
         "NBV_MODEL_DIR": str(folder / "registry"),
-        "NBV_EXPLORATION_EPSILON": str(epsilon),
+        "NBV_EXPLORATION_POLICY": policy.kind,
+        "NBV_EXPLORATION_EPSILON": str(policy.epsilon),
+        "NBV_EXPLORATION_TEMPERATURE": str(policy.temperature),
         "NBV_DECISION_SEED": str(seed),
         "NBV_MODEL_POLL_S": "0.25",
         # Timers poll often, so a simulated day's unsnoozes and sweeps run before its sessions.
@@ -109,20 +124,37 @@ def store_url(folder: Path) -> str:
     return f"sqlite+aiosqlite:///{(folder / 'data' / 'nbv.sqlite').resolve()}"
 
 
-class Retrainer:
-    """After each week: export the process's log, train, estimate off-policy, promote."""
+def _us(t: datetime) -> int:
+    return int(t.timestamp() * 1_000_000)
 
-    def __init__(self, folder: Path, epsilon: float, config: TrainConfig, clock: SharedClock):
+
+class Retrainer:
+    """After each week: export the process's log, train, estimate off-policy, promote.
+
+    The estimate is of the policy that will serve: the new model with the arm's exploration
+    (``policy``), on the held-out end of the log, counting a first card's completion only within
+    ``window_h`` of the decision and only for decisions whose window has closed by now, which
+    is how the value it then achieves is counted too."""
+
+    def __init__(
+        self,
+        folder: Path,
+        policy: TargetPolicy,
+        config: TrainConfig,
+        clock: SharedClock,
+        window_h: float,
+    ):
         self.url = store_url(folder)
         self.registry = folder / "registry"
-        self.epsilon = epsilon
+        self.policy = policy
         self.config = config
         self.clock = clock
+        self.window_h = window_h
         self.rounds: list[Round] = []
 
     async def __call__(self, week: int) -> None:
-        until = self.clock.now() + timedelta(seconds=1)
-        data = LogData.from_table(await load_log(self.url, EPOCH, until))
+        now = self.clock.now()
+        data = LogData.from_table(await load_log(self.url, EPOCH, now + timedelta(seconds=1)))
         try:
             trained = await asyncio.to_thread(train_from_log, data, self.config, progress=False)
         except ValueError as exc:  # too little logged yet: the current model keeps serving
@@ -134,13 +166,15 @@ class Retrainer:
         ev = await asyncio.to_thread(
             evaluate_model,
             ranker,
-            data,
+            data.within(self.window_h, _us(now)),
             trained.split_us,
             k=self.config.evaluate.k,
-            epsilon=self.epsilon,
+            epsilon=self.policy.epsilon,
             resamples=self.config.evaluate.bootstrap,
             seed=self.config.seed,
             group_by=self.config.group_by,
+            target=self.policy,
+            weight_cap=self.config.evaluate.dr_weight_cap,
         )
         op = ev.off_policy
         self.rounds.append(
@@ -151,6 +185,7 @@ class Retrainer:
                     "ips": op.ips.estimate,
                     "snips": op.snips.estimate,
                     "dr": op.dr.estimate,
+                    "dr_capped": op.dr_capped.estimate if op.dr_capped else math.nan,
                 },
                 op.decisions,
                 op.effective_sample_size,
@@ -160,15 +195,31 @@ class Retrainer:
         await asyncio.sleep(1.0)  # the service polls the assignment every 0.25 s and swaps
 
 
+def arm_policy(name: str, args: argparse.Namespace) -> TargetPolicy:
+    """How each arm explores among the eligible elements: uniformly (random), not at all
+    (rules), or as the train config's ``evaluate`` target says (ranker; the options override
+    it): the policy served is the one the off-policy estimates are of."""
+    if name == "random":
+        return TargetPolicy("epsilon_greedy", epsilon=1.0)
+    if name == "rules":
+        return TargetPolicy("epsilon_greedy", epsilon=0.0)
+    served = TrainConfig.load(args.config).evaluate.target()
+    return TargetPolicy(
+        args.exploration or served.kind,
+        epsilon=served.epsilon if args.epsilon is None else args.epsilon,
+        temperature=served.temperature if args.temperature is None else args.temperature,
+    )
+
+
 async def run_arm(name: str, args: argparse.Namespace, root: Path) -> Outcome:
     folder = root / name
     folder.mkdir()
-    epsilon = {"random": 1.0, "rules": 0.0, "ranker": args.epsilon}[name]
+    policy = arm_policy(name, args)
     clock = SharedClock(folder / "clock")
-    proc = ServiceProcess(["run"], process_env(folder, epsilon, args.seed, clock), folder, name)
+    proc = ServiceProcess(["run"], process_env(folder, policy, args.seed, clock), folder, name)
     started = time.monotonic()
     retrainer = (
-        Retrainer(folder, epsilon, TrainConfig.load(args.config), clock)
+        Retrainer(folder, policy, TrainConfig.load(args.config), clock, args.reward_window_h)
         if name == "ranker"
         else None
     )
@@ -199,9 +250,10 @@ async def run_arm(name: str, args: argparse.Namespace, root: Path) -> Outcome:
     out.decisions = sum(w.decisions for w in weeks)
     if retrainer is not None:
         out.rounds = retrainer.rounds
-        data = LogData.from_table(
-            await load_log(retrainer.url, EPOCH, clock.now() + timedelta(days=1))
-        )
+        end = clock.now()
+        data = LogData.from_table(await load_log(retrainer.url, EPOCH, end + timedelta(days=1)))
+        # The same reward as the estimates: completed within the window, windows closed.
+        data = data.within(args.reward_window_h, _us(end))
         for r in out.rounds:
             r.achieved, r.achieved_decisions = first_card_value(data, r.version)
     clock.close()
@@ -244,7 +296,8 @@ def _round(value: float, digits: int = 3) -> float | None:
     return round(value, digits) if math.isfinite(value) else None
 
 
-def report(outcomes: dict[str, Outcome], warmup: int) -> dict[str, Any]:
+def report(outcomes: dict[str, Outcome], warmup: int, primary: str) -> dict[str, Any]:
+    """The summary; ``primary`` is the estimator ``ope_rel_error`` is of."""
     print(
         f"\nper policy, weeks {warmup}..end (the ranker's first week{'s' * (warmup > 1)} "
         "serve the rule prior with exploration):"
@@ -263,7 +316,7 @@ def report(outcomes: dict[str, Outcome], warmup: int) -> dict[str, Any]:
             + "  ".join(f"{k} {v:.3f}" for k, v in r.ope.items())
             + f"  →  achieved {r.achieved:.3f} over {r.achieved_decisions} decisions"
         )
-    estimators = ("ips", "snips", "dr")
+    estimators = ("ips", "snips", "dr", "dr_capped")
     errors = {e: ope_error(ranker.rounds, e) for e in estimators}
     per_round = {e: mean_round_error(ranker.rounds, e) for e in estimators}
     print(
@@ -278,7 +331,8 @@ def report(outcomes: dict[str, Outcome], warmup: int) -> dict[str, Any]:
     return {
         "lift_vs_rules": _round(learned / base_rules) if base_rules else None,
         "lift_vs_random": _round(learned / base_random) if base_random else None,
-        "ope_rel_error": _round(errors["dr"]),
+        "ope_rel_error": _round(errors[primary]),
+        "ope_estimator": primary,
         "success": {k: round(o.success(warmup), 4) for k, o in outcomes.items()},
         "retained_users": {k: round(o.retention, 3) for k, o in outcomes.items()},
         "decisions": {k: o.decisions for k, o in outcomes.items()},
@@ -295,7 +349,19 @@ async def main() -> None:
     parser.add_argument("--accounts", type=int)
     parser.add_argument("--weeks", type=int)
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--epsilon", type=float, default=0.15, help="the ranker's exploration")
+    parser.add_argument(
+        "--exploration",
+        choices=("softmax", "epsilon_greedy"),
+        help="the ranker arm's exploration (default: the config's evaluate.target_policy)",
+    )
+    parser.add_argument("--temperature", type=float, help="softmax's T (default: the config's)")
+    parser.add_argument("--epsilon", type=float, help="ε-greedy's ε (default: the config's)")
+    parser.add_argument(
+        "--reward-window-h",
+        type=float,
+        default=REWARD_WINDOW_H,
+        help="hours after a decision a completion counts for the off-policy comparison",
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="sessions at once per arm")
     parser.add_argument(
         "--cards", type=int, default=1, help="cards the in-app widget shows (the next best value)"
@@ -322,7 +388,8 @@ async def main() -> None:
         for o in outcomes.values():
             print(f"{o.name}: success {o.success(args.warmup):.4f}", file=sys.stderr)
         return
-    result = report(outcomes, warmup=args.warmup)
+    cap = TrainConfig.load(args.config).evaluate.dr_weight_cap
+    result = report(outcomes, warmup=args.warmup, primary="dr" if cap is None else "dr_capped")
     result["accounts"] = args.accounts
     print(json.dumps(result))
 

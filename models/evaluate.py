@@ -9,14 +9,17 @@ the new model had been serving, estimated from what the logging policy showed:
 
 Only the first slot of each decision is used (the card the simulator and the widget show
 first); its logged propensity is exactly μ(a|x). The target π is the policy the model will
-serve with: ε-greedy over arbitration scores (P(success) × value weight × lever), the way the
-decision service ranks. Confidence intervals: percentile bootstrap over decisions.
+serve with (``TargetPolicy``): ε-greedy or softmax over arbitration scores (P(success) × value
+weight × lever), the way the decision service ranks and explores. A first card a decision rule
+required (logged propensity 1) is required whatever the model: π gives it probability 1 too.
+Confidence intervals: percentile bootstrap over decisions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -43,11 +46,22 @@ def snips(reward: Floats, weight: Floats) -> float:
     return float(np.sum(weight * reward) / total) if total > 0 else float("nan")
 
 
-def doubly_robust(reward: Floats, weight: Floats, q_logged: Floats, v_model: Floats) -> float:
-    """``q_logged`` = q̂(x, a) of the logged action, ``v_model`` = Σₐ π(a|x) q̂(x, a)."""
+def doubly_robust(
+    reward: Floats,
+    weight: Floats,
+    q_logged: Floats,
+    v_model: Floats,
+    cap: float | None = None,
+) -> float:
+    """``q_logged`` = q̂(x, a) of the logged action, ``v_model`` = Σₐ π(a|x) q̂(x, a).
+
+    ``cap``: weights above it correct nothing (the decision is left to the reward model): a
+    weight that large comes from a choice the logging policy made only by exploring, and a
+    handful of such decisions would otherwise swing the whole estimate."""
     if not len(reward):
         return float("nan")
-    return float(np.mean(v_model + weight * (reward - q_logged)))
+    w = weight if cap is None else np.where(weight > cap, 0.0, weight)
+    return float(np.mean(v_model + w * (reward - q_logged)))
 
 
 class Interval(BaseModel):
@@ -124,6 +138,34 @@ def epsilon_greedy(scores: Floats, epsilon: float) -> Floats:
     return probs
 
 
+def softmax(scores: Floats, temperature: float) -> Floats:
+    """π(·|x) of the first slot of ``services.decision.policy.Softmax``: exp(sᵢ/T) / Σ exp(sⱼ/T)."""
+    z = np.exp((scores - np.max(scores)) / temperature)
+    return np.asarray(z / z.sum(), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class TargetPolicy:
+    """The exploration the evaluated model will serve with (``NBV_EXPLORATION_POLICY``, and
+    ``NBV_EXPLORATION_EPSILON`` or ``NBV_EXPLORATION_TEMPERATURE``): its value is the one the
+    estimates are of, exploration included."""
+
+    kind: Literal["epsilon_greedy", "softmax"] = "epsilon_greedy"
+    epsilon: float = 0.1
+    temperature: float = 0.1
+
+    def probabilities(self, scores: Floats) -> Floats:
+        if self.kind == "softmax":
+            return softmax(scores, self.temperature)
+        return epsilon_greedy(scores, self.epsilon)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "softmax":
+            return f"softmax({self.temperature:g})"
+        return f"epsilon-greedy({self.epsilon:g})"
+
+
 @dataclass
 class Bandit:
     """One decision per entry: its candidates' target probabilities and the logged action."""
@@ -172,13 +214,21 @@ def arbitration_scores(ranker: LightGBMRanker, features: Floats, lever: Floats) 
     )
 
 
+# A logged first-slot propensity this close to 1 was not the exploration policy's draw among
+# several candidates (which always leaves the others some chance) but a rule's requirement or
+# the only candidate: any target policy makes the same choice.
+CERTAIN = 1.0 - 1e-6
+
+
 def logged_bandit(
     data: LogData,
     policy_scores: Callable[[Floats, Floats], Floats],
     q_hat: Callable[[Floats], Floats],
-    epsilon: float,
+    target: TargetPolicy | float,
 ) -> Bandit:
-    """The first-slot bandit feedback of each decision, under the target policy."""
+    """The first-slot bandit feedback of each decision, under the target policy (a float:
+    ε-greedy with that ε)."""
+    policy = target if isinstance(target, TargetPolicy) else TargetPolicy(epsilon=target)
     out = Bandit()
     order = np.argsort(data.decision_id, kind="stable")
     ids = data.decision_id[order]
@@ -190,7 +240,11 @@ def logged_bandit(
         if len(first) == 0:
             continue  # nothing shown in the first slot, or no propensity to weigh it by
         a = int(first[0])
-        pi = epsilon_greedy(policy_scores(block.features, block.lever), epsilon)
+        if block.propensity[a] >= CERTAIN:
+            pi = np.zeros(len(block))
+            pi[a] = 1.0
+        else:
+            pi = policy.probabilities(policy_scores(block.features, block.lever))
         q = q_hat(block.features)
         out.reward.append(float(block.reward[a]))
         out.mu.append(float(block.propensity[a]))
@@ -217,14 +271,30 @@ class OffPolicy(BaseModel):
     ips: Interval
     snips: Interval
     dr: Interval
+    # DR whose correction skips weights above ``weight_cap`` (None: not computed).
+    dr_capped: Interval | None = None
+    weight_cap: float | None = None
+    # Decisions whose weight is above the cap.
+    capped: int = 0
     mean_weight: float
     effective_sample_size: float
 
 
-def off_policy(bandit: Bandit, resamples: int, seed: int) -> OffPolicy:
+def off_policy(
+    bandit: Bandit, resamples: int, seed: int, weight_cap: float | None = None
+) -> OffPolicy:
     r, w, q, v = bandit.arrays()
     n = len(r)
     return OffPolicy(
+        dr_capped=(
+            bootstrap(
+                lambda i: doubly_robust(r[i], w[i], q[i], v[i], weight_cap), n, resamples, seed
+            )
+            if weight_cap is not None
+            else None
+        ),
+        weight_cap=weight_cap,
+        capped=int((w > weight_cap).sum()) if weight_cap is not None else 0,
         decisions=n,
         logged_value=bootstrap(lambda i: float(np.mean(r[i])), n, resamples, seed),
         ips=bootstrap(lambda i: ips(r[i], w[i]), n, resamples, seed),
@@ -253,7 +323,12 @@ def evaluate_model(
     resamples: int,
     seed: int,
     group_by: str = "user",
+    target: TargetPolicy | None = None,
+    weight_cap: float | None = None,
 ) -> Evaluation:
+    """Ranking metrics and off-policy value of ``ranker`` on the decisions from ``split_us``.
+    ``target``: the exploration the model will serve with (default: ε-greedy with ``epsilon``);
+    ``weight_cap``: also report DR with the weights above it left to the reward model."""
     from models.logdata import utc
 
     train = data.take(data.decided_at < split_us)
@@ -261,15 +336,49 @@ def evaluate_model(
     queries, groups = held.ranking_queries("decision" if group_by == "decision" else "user")
     ranking = ranking_metrics(queries.label, ranker.score(queries.features), groups, k)
     prior = ranking_metrics(queries.label, queries.features[:, INDEX["rule_score"]], groups, k)
-    # The reward model is fitted on the training period only, so DR's correction is honest.
-    q_hat = reward_model(train if train.shown.any() else held)
-    bandit = logged_bandit(
-        held, lambda f, lever: arbitration_scores(ranker, f, lever), q_hat, epsilon
+    bandit = crossfit_bandit(
+        train,
+        held,
+        lambda f, lever: arbitration_scores(ranker, f, lever),
+        target or TargetPolicy(epsilon=epsilon),
     )
     return Evaluation(
         held_out_from=utc(split_us).isoformat(),
         held_out_rows=len(held),
         ranking=ranking,
         rule_prior_ranking=prior,
-        off_policy=off_policy(bandit, resamples, seed),
+        off_policy=off_policy(bandit, resamples, seed, weight_cap),
+    )
+
+
+def crossfit_bandit(
+    train: LogData,
+    held: LogData,
+    policy_scores: Callable[[Floats, Floats], Floats],
+    target: TargetPolicy,
+    folds: int = 2,
+) -> Bandit:
+    """The held-out bandit feedback with a cross-fitted reward model: the decisions of each
+    fold get a q̂ fitted on the training period and the other folds, never on themselves (so
+    DR's correction stays unbiased), yet close in time to them (the rate of completions drifts
+    from week to week, and a q̂ fitted on older weeks only would carry that drift into DR)."""
+    ids = np.unique(held.decision_id)
+    fold_of = {d: i % folds for i, d in enumerate(ids)}
+    fold = np.asarray([fold_of[d] for d in held.decision_id], dtype=np.int64)
+    out = Bandit()
+    for k in range(folds):
+        fit_on = concat(train, held.take(fold != k))
+        q_hat = reward_model(fit_on if fit_on.shown.any() else held)
+        part = logged_bandit(held.take(fold == k), policy_scores, q_hat, target)
+        for name in ("reward", "mu", "pi_logged", "q_logged", "v_model"):
+            getattr(out, name).extend(getattr(part, name))
+    return out
+
+
+def concat(a: LogData, b: LogData) -> LogData:
+    return LogData(
+        **{
+            name: np.concatenate([getattr(a, name), getattr(b, name)])
+            for name in a.__dataclass_fields__
+        }
     )

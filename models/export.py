@@ -8,7 +8,8 @@ policy would have picked instead.
 
 Labels (docs/data-science.md): ``label`` is a relevance grade for lambdarank — 2 completed,
 1 clicked, 0 shown / snoozed / dismissed; ``reward`` is the success metric the lift bench and
-the off-policy estimates use — 1 completed, else 0.
+the off-policy estimates use — 1 completed, else 0; ``completed_after_h`` is how long after the
+decision the completion came (NaN: none), so a reward can be counted within a fixed window.
 
 Features at decision time: the decision row logs the person's context features exactly; the
 element features are rebuilt from the library version the decision was made with, the way
@@ -64,6 +65,7 @@ META_COLUMNS = (
     "outcome",
     "label",
     "reward",
+    "completed_after_h",
     "features_exact",
 )
 
@@ -118,8 +120,10 @@ def decision_rows(
     row: DecisionRow,
     elements: dict[str, ValueElement],
     outcomes: dict[str, list[str]],
+    completed_at: dict[str, datetime] | None = None,
 ) -> DecisionRows:
-    """The eligible candidates of one logged decision as training-log rows."""
+    """The eligible candidates of one logged decision as training-log rows; ``completed_at``:
+    when each completed element was first reported completed (``completed_after_h``)."""
     ctx_log: dict[str, Any] = row.context or {}
     logged: dict[str, float] = {k: float(v) for k, v in (ctx_log.get("features") or {}).items()}
     usage: dict[str, int] | None = ctx_log.get("feature_usage")
@@ -204,10 +208,22 @@ def decision_rows(
                 "outcome": outcome or "",
                 "label": GRADE.get(outcome or "", 0),
                 "reward": 1.0 if outcome == "completed" else 0.0,
+                "completed_after_h": _hours_after(row.created_at, (completed_at or {}).get(el.id)),
                 "features_exact": exact,
             }
         )
     return DecisionRows(meta, matrix)
+
+
+def _hours_after(decided: datetime, done: datetime | None) -> float:
+    if done is None:
+        return math.nan
+    return max(0.0, (_aware(done) - _aware(decided)).total_seconds() / 3600)
+
+
+def _aware(t: datetime) -> datetime:
+    # SQLite hands back naive datetimes; the store writes UTC.
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 async def _libraries(session: AsyncSession) -> dict[int | None, dict[str, ValueElement]]:
@@ -238,6 +254,7 @@ async def load_log(url: str, since: datetime, until: datetime) -> pa.Table:
                 )
             ).all()
             responses: dict[str, dict[str, list[str]]] = {}
+            completions: dict[str, dict[str, datetime]] = {}
             ids = [d.id for d in decisions]
             for i in range(0, len(ids), 500):
                 chunk = ids[i : i + 500]
@@ -249,6 +266,10 @@ async def load_log(url: str, since: datetime, until: datetime) -> pa.Table:
                     responses.setdefault(r.decision_id, {}).setdefault(r.element_id, []).append(
                         r.outcome
                     )
+                    if r.outcome == "completed":
+                        first = completions.setdefault(r.decision_id, {})
+                        if r.element_id not in first or _aware(r.at) < _aware(first[r.element_id]):
+                            first[r.element_id] = r.at
     finally:
         await engine.dispose()
     metas: list[dict[str, Any]] = []
@@ -256,7 +277,7 @@ async def load_log(url: str, since: datetime, until: datetime) -> pa.Table:
     for d in decisions:
         version = (d.context or {}).get("library_version")
         elements = {**libraries[None], **libraries.get(version, {})}
-        rows = decision_rows(d, elements, responses.get(d.id, {}))
+        rows = decision_rows(d, elements, responses.get(d.id, {}), completions.get(d.id))
         metas.extend(rows.meta)
         blocks.append(rows.features)
     return to_table(metas, blocks)

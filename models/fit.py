@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightgbm as lgb
 import numpy as np
@@ -12,18 +12,33 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from models.evaluate import TargetPolicy
 from models.features import FEATURES
 from models.logdata import GroupBy, LogData, utc
 from models.ranker import save_model
 from models.train import fit_calibration
 
+# The objectives that learn P(label > 0), and the loss early stopping watches for each.
+LOSS = {"binary": "binary_logloss", "cross_entropy": "cross_entropy", "xentropy": "cross_entropy"}
+PROBABILISTIC = frozenset(LOSS)
+
 
 class EvaluateConfig(BaseModel):
+    """The policy whose value the off-policy estimates are of: the model served with this
+    exploration (set it as the decision service's ``NBV_EXPLORATION_*``)."""
+
     model_config = ConfigDict(extra="forbid")
 
+    target_policy: Literal["epsilon_greedy", "softmax"] = "epsilon_greedy"
     target_epsilon: float = Field(default=0.1, ge=0, le=1)
+    target_temperature: float = Field(default=0.1, gt=0)
+    # Also report DR with weights above this left to the reward model (None: not reported).
+    dr_weight_cap: float | None = Field(default=None, gt=1)
     bootstrap: int = Field(default=500, ge=10)
     k: int = Field(default=3, ge=1)
+
+    def target(self) -> TargetPolicy:
+        return TargetPolicy(self.target_policy, self.target_epsilon, self.target_temperature)
 
 
 class TrainConfig(BaseModel):
@@ -45,9 +60,13 @@ class TrainConfig(BaseModel):
     def lgb_params(self) -> dict[str, Any]:
         # The seed and determinism flags are not optional: the same data and config must give
         # the same model, bit for bit.
+        objective = str(self.params.get("objective", "lambdarank"))
         return {
             "objective": "lambdarank",
-            "metric": "ndcg",
+            # Early stopping watches the first metric. A probabilistic objective is stopped on
+            # its own loss on the held-out rows: NDCG over a few cards per query is so noisy
+            # there that the first tree often scores best by chance and the model stops at one.
+            "metric": LOSS.get(objective, "ndcg"),
             "verbosity": -1,
             **self.params,
             "eval_at": self.eval_at,
@@ -86,9 +105,14 @@ def train_from_log(data: LogData, config: TrainConfig, *, progress: bool = True)
     if not train_groups or not valid_groups:
         raise ValueError("not enough shown rows on both sides of the time split to train")
     names = list(FEATURES)
-    dtrain = lgb.Dataset(train.features, train.label, group=train_groups, feature_name=names)
+    # A probabilistic objective learns P(label > 0): that must be P(completed), the reward, not
+    # the relevance grade (LightGBM's binary objective takes a click, grade 1, as a success).
+    pointwise = config.lgb_params()["objective"] in PROBABILISTIC
+    y_train = (train.reward > 0).astype(np.float64) if pointwise else train.label
+    y_valid = (valid.reward > 0).astype(np.float64) if pointwise else valid.label
+    dtrain = lgb.Dataset(train.features, y_train, group=train_groups, feature_name=names)
     dvalid = lgb.Dataset(
-        valid.features, valid.label, group=valid_groups, feature_name=names, reference=dtrain
+        valid.features, y_valid, group=valid_groups, feature_name=names, reference=dtrain
     )
     booster = lgb.train(
         config.lgb_params(),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -32,6 +33,8 @@ class LogData:
     model_version: npt.NDArray[np.str_]
     lever: Floats
     rank: npt.NDArray[np.int64]  # -1: not chosen
+    # Hours from the decision to the completion (NaN: not completed, or an older export).
+    completed_after_h: Floats
 
     @classmethod
     def from_table(cls, table: pa.Table) -> LogData:
@@ -57,6 +60,9 @@ class LogData:
             model_version=np.asarray(cols["model_version"], dtype=np.str_),
             lever=np.asarray(cols["lever"], dtype=np.float64),
             rank=np.asarray(cols.get("rank", [1] * n), dtype=np.int64),
+            completed_after_h=np.asarray(
+                cols.get("completed_after_h", [math.nan] * n), dtype=np.float64
+            ),
         )
 
     def __len__(self) -> int:
@@ -64,6 +70,15 @@ class LogData:
 
     def take(self, mask: npt.NDArray[np.bool_] | npt.NDArray[np.intp]) -> LogData:
         return LogData(**{name: getattr(self, name)[mask] for name in self.__dataclass_fields__})
+
+    def within(self, hours: float, observed_until_us: int) -> LogData:
+        """The decisions whose reward window had closed by ``observed_until_us``, with the
+        reward counted only for completions within ``hours`` of the decision. Estimate and
+        achieved value read the same reward this way, however late each was measured (a card
+        left in the inbox can be completed days later)."""
+        closed = self.take(self.decided_at + int(hours * 3600 * 1_000_000) <= observed_until_us)
+        in_time = closed.completed_after_h <= hours  # NaN (no completion) compares False
+        return replace(closed, reward=np.where(in_time, closed.reward, 0.0))
 
     def split_time(self, valid_fraction: float) -> int:
         """The decision time (µs) from which the last ``valid_fraction`` of decisions lie."""

@@ -68,6 +68,9 @@ LATER = 0.4
 USELESS = 0.08
 TRUST_LOST = 0.93
 TRUST_REGAINED = 0.1
+# How much likelier a person is to close a card for each time they have looked at it already:
+# the same card in the widget session after session is the first thing people clear away.
+TIRED_OF_IT = 0.12
 # Product milestones people reach by themselves once good enough in the area, by stage.
 MILESTONE_SKILL = {"onboard": 0.45, "engage": 0.7, "grow": 0.9}
 # Share of fatigue left after a day without cards.
@@ -258,7 +261,9 @@ def respond_probabilities(
     # People dismiss what is not for them (an area their job does not use, another role's
     # task), for good; what is for them but not now they leave or put off, until they have
     # seen it too often.
-    dismissed = (1 - engaged) * _clip(0.03 + 0.35 * (1.0 - relevance(p, el)) + 0.05 * seen, 0, 0.7)
+    dismissed = (1 - engaged) * _clip(
+        0.03 + 0.35 * (1.0 - relevance(p, el)) + TIRED_OF_IT * seen, 0, 0.8
+    )
     later = (1 - engaged - dismissed) * LATER * relevance(p, el)
     return complete, clicked, dismissed, later
 
