@@ -41,6 +41,9 @@ def _plot_off_policy(ev: Evaluation, out: Path) -> None:
     op = ev.off_policy
     labels = ["logged", "IPS", "SNIPS", "DR"]
     values = [op.logged_value, op.ips, op.snips, op.dr]
+    if op.dr_capped is not None:
+        labels.append(f"DR ≤{op.weight_cap:g}")
+        values.append(op.dr_capped)
     fig, ax = plt.subplots(figsize=(5, 3))
     est = np.array([v.estimate for v in values])
     err = np.array(
@@ -49,7 +52,8 @@ def _plot_off_policy(ev: Evaluation, out: Path) -> None:
             [max(0.0, v.high - v.estimate) for v in values],
         ]
     )
-    ax.bar(labels, est, yerr=err, capsize=4, color=["#999999", "#3b6ea5", "#3b6ea5", "#2a8c55"])
+    colors = ["#999999", "#3b6ea5", "#3b6ea5", "#2a8c55", "#2a8c55"][: len(values)]
+    ax.bar(labels, est, yerr=err, capsize=4, color=colors)
     ax.set_ylabel("completions per decision")
     ax.set_title("Off-policy value (95 % bootstrap CI)")
     fig.tight_layout()
@@ -71,6 +75,12 @@ def write_card(
         if name != "queries_scored"
     )
     features = "\n".join(f"| {name} | {share:.3f} |" for name, share in items)
+    capped = (
+        f"\n| doubly robust, weights above {op.weight_cap:g} left to the reward model "
+        f"({op.capped} decisions) | {_fmt(op.dr_capped)} |"
+        if op.dr_capped is not None and op.weight_cap is not None
+        else ""
+    )
     text = f"""# Model card: {version}
 
 LightGBM lambdarank ranker for Next Best Value (`models/fit.py`, config below).
@@ -100,7 +110,7 @@ the logging policy. 95 % percentile bootstrap intervals.
 | logging policy (observed) | {_fmt(op.logged_value)} |
 | IPS | {_fmt(op.ips)} |
 | SNIPS | {_fmt(op.snips)} |
-| doubly robust | {_fmt(op.dr)} |
+| doubly robust | {_fmt(op.dr)} |{capped}
 
 Mean importance weight {op.mean_weight:.3f}; effective sample size
 {op.effective_sample_size:.1f} of {op.decisions}.

@@ -97,6 +97,13 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
         resamples=config.evaluate.bootstrap,
         seed=config.seed,
         group_by=config.group_by,
+        # The exploration the model will serve with; --epsilon overrides an ε-greedy target's ε.
+        target=(
+            config.evaluate.target()
+            if args.epsilon is None
+            else config.evaluate.model_copy(update={"target_epsilon": args.epsilon}).target()
+        ),
+        weight_cap=config.evaluate.dr_weight_cap,
     )
     (registry / version / "evaluation.json").write_text(ev.model_dump_json(indent=2))
     booster = lgb.Booster(model_file=str(registry / version / "model.txt"))
