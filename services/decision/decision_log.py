@@ -18,8 +18,9 @@ from sqlalchemy import JSON, Insert, Table, bindparam, func, insert, literal_col
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.store import driver
+from shared.store.db import json_dumps
 from shared.store.driver import DriverStatement
-from shared.store.models import Contact, DecisionRow
+from shared.store.models import Contact, DecisionRow, Erasure
 
 
 def _table(model: type[Any]) -> Table:
@@ -89,3 +90,49 @@ async def write_decisions(
     await connection.execute(_INSERT_DECISION, list(decisions))
     if contacts:
         await connection.execute(_INSERT_CONTACTS, list(contacts))
+
+
+def _columns(table: Table) -> str:
+    return ", ".join(f'"{c.name}"' for c in table.c)
+
+
+# The group committer's statement on PostgreSQL (services/decision/group_commit.py): the same
+# inserts, leaving out the people found in the erasure ledger, whose ids it returns. It runs
+# after the erasure fence, in a later statement of the transaction, so its snapshot sees every
+# erasure that committed before the fence was granted. $1, $2: the decisions and the contacts
+# as JSON arrays; $3, $4: the people and their pseudonyms, in the same order.
+UNLESS_ERASED_SQL = f"""
+WITH blocked AS (
+    SELECT t.user_id
+    FROM unnest($3::text[], $4::text[]) AS t(user_id, pseudonym)
+    JOIN {Erasure.__tablename__} AS e ON e.pseudonym = t.pseudonym
+), logged AS (
+    INSERT INTO {_DECISIONS.name} ({_columns(_DECISIONS)})
+    SELECT {_columns(_DECISIONS)} FROM json_populate_recordset(NULL::{_DECISIONS.name}, $1::json)
+    WHERE user_id NOT IN (SELECT user_id FROM blocked)
+), contacted AS (
+    INSERT INTO {_CONTACTS.name} ({_columns(_CONTACTS)})
+    SELECT {_columns(_CONTACTS)} FROM json_populate_recordset(NULL::{_CONTACTS.name}, $2::json)
+    WHERE user_id NOT IN (SELECT user_id FROM blocked)
+)
+SELECT DISTINCT user_id FROM blocked
+"""
+
+
+async def write_decisions_unless_erased(
+    driver_connection: Any,
+    decisions: Sequence[dict[str, Any]],
+    contacts: Sequence[dict[str, Any]],
+    pseudonyms: dict[str, str],
+) -> set[str]:
+    """On an asyncpg connection in a transaction that holds the erasure fence: log the
+    decisions except those of erased people (``pseudonyms``: user id → pseudonym, empty when
+    nobody can have been erased); returns the erased among them."""
+    rows = await driver_connection.fetch(
+        UNLESS_ERASED_SQL,
+        json_dumps([{**d, "created_at": d["created_at"].isoformat()} for d in decisions]),
+        json_dumps([{**c, "at": c["at"].isoformat()} for c in contacts]),
+        list(pseudonyms),
+        list(pseudonyms.values()),
+    )
+    return {r[0] for r in rows}

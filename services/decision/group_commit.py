@@ -3,10 +3,11 @@ and committed together, in one transaction per batch instead of one per decision
 
 A request decides on its own (one read, outside any transaction), hands its decisions over, and
 waits until they are committed: its answer is still sent only once its decisions are logged
-and published, or refused if that failed. One writer task drains the queue; while it writes a
-batch the next one gathers, so under load a transaction carries many decisions (its round
-trips, the fence, the erasure check and the Kafka produce request are shared) and at low load
-a decision waits for nobody.
+and published, or refused if that failed. Up to two writer tasks drain the queue, each taking
+everything queued when it starts a transaction; while they write, the next batch gathers. So
+under load a transaction carries many decisions (its round trips, the fence, the erasure check
+and the Kafka produce request are shared), and a decision that arrives during a write starts
+its own at once instead of waiting for that one to finish (a second writer halves the wait).
 
 Erasure: the reads take no lock, so a person may be erased between a request's read and the
 write. The writer takes the erasure fence and then checks the ledger (a later statement, so a
@@ -21,12 +22,13 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.decision.decision_log import write_decisions
+from services.decision.decision_log import write_decisions, write_decisions_unless_erased
 from services.decision.engine import Decided
-from services.ingest.erasure import ErasureGuard, fence
+from services.ingest.erasure import BEGIN_FENCED_SQL, ErasureGuard, pseudonym
 from shared.metrics import DECISION_COMMIT_BATCH
 
 log = logging.getLogger(__name__)
@@ -47,17 +49,21 @@ class DecisionCommitter:
     def __init__(
         self,
         engine: AsyncEngine,
-        guard: ErasureGuard | None,
+        pseudonym_key: bytes | None,
         publish: Publish,
         max_decisions: int = 200,
+        writers: int = 2,
     ) -> None:
         self._engine = engine
-        self._guard = guard
+        # None: nobody can have been erased (erasure is refused without a key).
+        self._key = pseudonym_key
+        self._guard = ErasureGuard(key=pseudonym_key)
         self._publish = publish
         # Bounds a transaction's size (its statement's JSON, the produce request).
         self._max = max_decisions
         self._queue: deque[_Pending] = deque()
-        self._writer: asyncio.Task[None] | None = None
+        self._max_writers = writers
+        self._writers: set[asyncio.Task[None]] = set()
 
     async def commit(self, decided: Sequence[Decided]) -> set[str]:
         """Log, publish and commit ``decided``; returns the people whose decisions were
@@ -66,8 +72,10 @@ class DecisionCommitter:
             return set()
         pending = _Pending(decided)
         self._queue.append(pending)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._drain(), name="decision-log-writer")
+        if len(self._writers) < self._max_writers:
+            writer = asyncio.create_task(self._drain(), name="decision-log-writer")
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
         return await pending.done
 
     async def _drain(self) -> None:
@@ -99,16 +107,11 @@ class DecisionCommitter:
 
     async def _write(self, decided: Sequence[Decided]) -> set[str]:
         DECISION_COMMIT_BATCH.observe(len(decided))
-        # A Core connection: the ORM's session would only add cost to these statements.
+        if self._engine.dialect.name == "postgresql":
+            return await self._write_pg(decided)
         async with self._engine.connect() as connection, connection.begin():
-            if self._guard is None:
-                # Nobody can have been erased (no pseudonym key: erasure is refused); the
-                # fence still begins the transaction the log is written in.
-                await fence(connection, exclusive=False)
-                erased: set[str] = set()
-            else:
-                users = {d.message.user_id for d in decided}
-                erased = await self._guard.erased(connection, users)
+            users = {d.message.user_id for d in decided}
+            erased = await self._guard.erased(connection, users)
             kept = [d for d in decided if d.message.user_id not in erased]
             await write_decisions(
                 connection,
@@ -116,6 +119,38 @@ class DecisionCommitter:
                 [c for d in kept for c in d.contacts],
             )
             await self._publish(kept)
+        return erased
+
+    async def _write_pg(self, decided: Sequence[Decided]) -> set[str]:
+        """Three round trips on the driver: BEGIN with the fence, the inserts that leave out
+        the erased, COMMIT (with the publish before it). SQLAlchemy's transaction would add
+        two (its own BEGIN; the ledger lookup in a statement of its own)."""
+        users = {d.message.user_id for d in decided}
+        pseudonyms = {u: pseudonym(self._key, u) for u in users} if self._key else {}
+        async with self._engine.connect() as connection:
+            driver: Any = (await connection.get_raw_connection()).driver_connection
+            try:
+                await driver.execute(BEGIN_FENCED_SQL)
+                erased = await write_decisions_unless_erased(
+                    driver,
+                    [d.log for d in decided],
+                    [c for d in decided for c in d.contacts],
+                    pseudonyms,
+                )
+                await self._publish([d for d in decided if d.message.user_id not in erased])
+                await driver.execute("COMMIT")
+            except BaseException:
+                # SQLAlchemy knows nothing of this transaction: end it here, or discard the
+                # connection if it cannot be (lost, or interrupted mid-statement).
+                try:
+                    if driver.is_in_transaction():
+                        await driver.execute("ROLLBACK")
+                except BaseException:
+                    await connection.invalidate()
+                else:
+                    if driver.is_closed():
+                        await connection.invalidate()
+                raise
         return erased
 
 

@@ -42,7 +42,7 @@ from services.decision.playbook_runs import (
 )
 from services.decision.playbooks import DEFAULT_PLAYBOOKS, Playbook, load_playbooks
 from services.decision.policy import make_policy
-from services.ingest.erasure import ErasureGuard, fence, pseudonym_key
+from services.ingest.erasure import fence, pseudonym_key
 from services.ingest.view import AccountState
 from shared.access.scopes import Scope, requires
 from shared.bus import Message, Record
@@ -125,7 +125,7 @@ class DecisionService:
         )
         self.committer = DecisionCommitter(
             runtime.engine,
-            ErasureGuard(s) if pseudonym_key(s) is not None else None,
+            pseudonym_key(s),
             self._publish_or_refuse,
         )
         self._worker = runtime.worker(

@@ -81,6 +81,10 @@ async def fence(session: AsyncSession | AsyncConnection, *, exclusive: bool) -> 
     await session.execute(_EXCLUSIVE if exclusive else _SHARED, {"key": _FENCE})
 
 
+# Taking the fence shared as the first statement of a transaction, in the simple-query form
+# (one round trip for both): for writers that run on the driver (the decision log's committer).
+BEGIN_FENCED_SQL = f"BEGIN; SELECT pg_advisory_xact_lock_shared({_FENCE})"
+
 # Built once: every decision takes the fence, and a text() built per call is parsed and given a
 # cache key each time.
 _EXCLUSIVE = text("SELECT pg_advisory_xact_lock(:key)")
@@ -207,9 +211,9 @@ async def _forget_contact(session: AsyncSession, user_id: str, home: str | None)
 class ErasureGuard:
     """Which of a batch's people were erased: their events and decisions are dropped."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings | None = None, *, key: bytes | None = None) -> None:
         # Without a key nobody can have been erased (the endpoint refuses), so nothing to ask.
-        self._key = pseudonym_key(settings)
+        self._key = pseudonym_key(settings) if settings is not None else key
 
     async def erased(
         self, session: AsyncSession | AsyncConnection, user_ids: Iterable[str]
