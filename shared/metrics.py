@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter(
@@ -89,3 +92,28 @@ AUTH_FAILURES = Counter(
 RATE_LIMITED = Counter(
     "nbv_rate_limited_total", "Requests refused with 429 by a key's rate limit", ["key"]
 )
+
+
+def observe_many(histogram: Histogram, values: Iterable[float]) -> None:
+    """The same counts as ``histogram.observe(v)`` for each value (an unlabelled histogram, or
+    one child of a labelled one), with one locked update per bucket instead of per value.
+
+    The projector observes every event it applies: tens of thousands per batch, and each
+    ``observe`` takes a lock and walks the buckets (~2 µs per event, ~2 % of its CPU). The sum
+    is added once, so it may differ from one-by-one addition in the last bits of a float.
+    """
+    # prometheus_client has no bulk observe: this writes the same per-bucket values its
+    # ``observe`` writes (bucket i counts the values in (bound[i-1], bound[i]]; the
+    # exposition accumulates them), checked against ``observe`` in tests/unit/test_metrics.py.
+    bounds: list[float] = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    total = 0.0
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1
+        total += value
+    if not any(counts):
+        return
+    for bucket, n in zip(histogram._buckets, counts, strict=True):
+        if n:
+            bucket.inc(n)
+    histogram._sum.inc(total)

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     kafka_client_id: str = "nbv"
     kafka_partitions: int = Field(default=3, ge=1)
     kafka_request_timeout_ms: int = Field(default=15_000, ge=1_000)
+    # How long the producer waits for more messages before sending (see shared/bus/kafka.py).
+    kafka_linger_ms: int = Field(default=0, ge=0, le=1_000)
     topic_prefix: str = "nbv."
 
     host: str = "127.0.0.1"

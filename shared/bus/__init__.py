@@ -32,6 +32,7 @@ def create_bus(settings: Settings) -> Bus:
             topics=all_topics(settings),
             request_timeout_ms=settings.kafka_request_timeout_ms,
             topic_configs=topic_configs(settings),
+            linger_ms=settings.kafka_linger_ms,
         )
     from shared.bus.embedded import EmbeddedBus
 

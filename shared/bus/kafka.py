@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 MAX_PARTITION_FETCH_BYTES = 4 * 2**20
 
 
+_new_tuple = tuple.__new__
+
+
 class KafkaConsumer(Consumer):
     def __init__(self, bootstrap: str, topics: Sequence[str], group: str, client_id: str) -> None:
         self._topics = list(topics)
@@ -56,14 +59,19 @@ class KafkaConsumer(Consumer):
             topic, partition = tp.topic, tp.partition
             for m in messages:
                 append(
-                    Record(
-                        topic,
-                        partition,
-                        m.offset,
-                        m.key.decode() if m.key else "",
-                        m.value or b"",
-                        m.timestamp,
-                        tuple(m.headers) if m.headers else (),
+                    # tuple.__new__ rather than Record(...): the named tuple's __new__ is a
+                    # Python function, and a projector batch is tens of thousands of records.
+                    _new_tuple(
+                        Record,
+                        (
+                            topic,
+                            partition,
+                            m.offset,
+                            m.key.decode() if m.key else "",
+                            m.value or b"",
+                            m.timestamp,
+                            tuple(m.headers) if m.headers else (),
+                        ),
                     )
                 )
         return records
@@ -96,6 +104,7 @@ class KafkaBus(Bus):
         topics: Sequence[str] = (),
         request_timeout_ms: int = 15_000,
         topic_configs: Mapping[str, Mapping[str, str]] | None = None,
+        linger_ms: int = 0,
     ) -> None:
         self._bootstrap = bootstrap
         self._client_id = client_id
@@ -104,6 +113,7 @@ class KafkaBus(Bus):
         # Per topic, set when NBV creates it (e.g. the events topic's retention.ms).
         self._topic_configs = {t: dict(c) for t, c in (topic_configs or {}).items()}
         self._request_timeout_ms = request_timeout_ms
+        self._linger_ms = linger_ms
         self._producer: AIOKafkaProducer | None = None
         # The producer a failed publish may have wedged; replaced before the next send.
         self._stale: AIOKafkaProducer | None = None
@@ -122,7 +132,11 @@ class KafkaBus(Bus):
             client_id=self._client_id,
             acks="all",
             enable_idempotence=True,
-            linger_ms=5,
+            # Every publish awaits its acknowledgement (a decision's answer waits for it), and
+            # callers already hand over whole batches (a request's events, a group commit's
+            # decisions); while a produce request is in flight the next messages gather
+            # anyway. A linger would only add its own length to every publish.
+            linger_ms=self._linger_ms,
             # 16 KiB (the default) is ~40 events: a 1,000-event request would take dozens of
             # produce requests, most of the producer's CPU.
             max_batch_size=256 * 1024,

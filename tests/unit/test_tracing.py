@@ -114,6 +114,29 @@ def test_one_requests_events_batched_together_keep_its_trace_id() -> None:
     assert tracing.from_headers([("nbv-trace-id", b"bad\nid")]).trace_id is None
 
 
+def test_a_key_takes_its_latest_records_trace_and_the_log_keeps_every_trace_id() -> None:
+    records = [
+        _record("acct-1", {"nbv-trace-id": "t1", "nbv-event-id": "e1"}, 0),
+        _record("acct-2", {"nbv-trace-id": "t2", "nbv-event-id": "e2"}, 1),
+        _record("acct-1", {"nbv-trace-id": "t3", "nbv-event-id": "e3"}, 2),
+        _record("acct-2", {"nbv-trace-id": "bad id", "nbv-event-id": "e4"}, 3),
+    ]
+    ctx = tracing.for_records(records)
+    assert ctx.trace_id is None
+    assert ctx.batch_trace_ids == ("t1", "t2", "t3")
+    assert (ctx.by_key["acct-1"].trace_id, ctx.by_key["acct-1"].event_id) == ("t3", "e3")
+    assert (ctx.by_key["acct-2"].trace_id, ctx.by_key["acct-2"].event_id) == (None, "e4")
+
+
+def test_records_that_differ_only_outside_the_trace_headers_share_one_context() -> None:
+    records = [
+        _record("a", {"nbv-trace-id": "t1", "nbv-decision-id": "d1", "nbv-published-ms": "1"}),
+        _record("b", {"nbv-trace-id": "t1", "nbv-decision-id": "d1", "nbv-published-ms": "2"}),
+    ]
+    ctx = tracing.for_records(records)
+    assert (ctx.trace_id, ctx.decision_id, dict(ctx.by_key)) == ("t1", "d1", {})
+
+
 async def test_ids_travel_request_to_bus_to_worker_to_next_topic(tmp_path: Path) -> None:
     bus = EmbeddedBus(tmp_path / "bus.sqlite")
     await bus.start()
