@@ -3,10 +3,11 @@ item (the history the contact policy counts), in the caller's transaction.
 
 On PostgreSQL all of them go in one statement, one round trip, whatever their number: both
 tables are filled by ``json_populate_recordset`` from one JSON parameter each (the decisions by
-a data-modifying CTE, always run to completion), so the statement's shape never changes; it is
-compiled once and run on the driver (shared.store.driver). SQLite (embedded mode) has no
-data-modifying CTEs: two Core inserts. Core, not the ORM: the log is write-only here and the
-unit of work would only add cost.
+a data-modifying CTE, always run to completion), so the statement's shape never changes. It
+runs on the driver (asyncpg), and leaves out the people found in the erasure ledger when it is
+given their pseudonyms (the group committer, which took the fence in the statement before).
+SQLite (embedded mode) has no data-modifying CTEs: two Core inserts. Core, not the ORM: the log
+is write-only here and the unit of work would only add cost.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import JSON, Insert, Table, bindparam, func, insert, literal_column, select
+from sqlalchemy import Table, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.store import driver
 from shared.store.db import json_dumps
-from shared.store.driver import DriverStatement
 from shared.store.models import Contact, DecisionRow, Erasure
 
 
@@ -35,57 +35,18 @@ _INSERT_DECISION = insert(_DECISIONS)
 _INSERT_CONTACTS = insert(_CONTACTS)
 
 
-def _records(table: Table, name: str) -> Any:
-    names = [c.name for c in table.c]
-    return func.json_populate_recordset(
-        literal_column(f"NULL::{table.name}"), bindparam(name, type_=JSON)
-    ).table_valued(*names)
-
-
-def _one_statement() -> Insert:
-    decisions = _records(_DECISIONS, "decisions")
-    logged = (
-        insert(_DECISIONS)
-        .from_select(
-            [c.name for c in _DECISIONS.c], select(*(decisions.c[c.name] for c in _DECISIONS.c))
-        )
-        .cte("logged_decisions")
-    )
-    contacts = _records(_CONTACTS, "contacts")
-    return (
-        insert(_CONTACTS)
-        .from_select(
-            [c.name for c in _CONTACTS.c], select(*(contacts.c[c.name] for c in _CONTACTS.c))
-        )
-        .add_cte(logged)
-    )
-
-
-_INSERT_ALL = _one_statement()
-# Compiled by the engine's own dialect (its JSON serialiser), on first use.
-_COMPILED: dict[str, DriverStatement] = {}
-
-
 async def write_decisions(
     connection: AsyncConnection,
     decisions: Sequence[dict[str, Any]],
     contacts: Sequence[dict[str, Any]],
 ) -> None:
     """``decisions``: rows of ``decisions`` columns; ``contacts``: rows of ``contacts`` (maybe
-    none). On the session's connection: Core statements need none of the ORM's machinery."""
+    none). In the connection's transaction, which took the erasure fence before its reads."""
     if not decisions:
         return
     if connection.dialect.name == "postgresql":
-        # json_populate_recordset parses ISO text into the timestamptz columns, to the
-        # microsecond; JSON columns take the nested values as they are.
-        params = {
-            "decisions": [{**d, "created_at": d["created_at"].isoformat()} for d in decisions],
-            "contacts": [{**c, "at": c["at"].isoformat()} for c in contacts],
-        }
-        statement = _COMPILED.get("postgresql")
-        if statement is None:
-            statement = _COMPILED["postgresql"] = DriverStatement(_INSERT_ALL, connection.dialect)
-        await driver.execute(connection, statement, params)
+        raw = await driver.driver_connection(connection)
+        await write_decisions_unless_erased(raw, decisions, contacts, {})
         return
     await connection.execute(_INSERT_DECISION, list(decisions))
     if contacts:
@@ -96,11 +57,11 @@ def _columns(table: Table) -> str:
     return ", ".join(f'"{c.name}"' for c in table.c)
 
 
-# The group committer's statement on PostgreSQL (services/decision/group_commit.py): the same
-# inserts, leaving out the people found in the erasure ledger, whose ids it returns. It runs
-# after the erasure fence, in a later statement of the transaction, so its snapshot sees every
-# erasure that committed before the fence was granted. $1, $2: the decisions and the contacts
-# as JSON arrays; $3, $4: the people and their pseudonyms, in the same order.
+# The statement on PostgreSQL: the inserts, leaving out the people found in the erasure ledger,
+# whose ids it returns. It runs after the erasure fence, in a later statement of the
+# transaction, so its snapshot sees every erasure that committed before the fence was granted.
+# $1, $2: the decisions and the contacts as JSON arrays; $3, $4: the people and their
+# pseudonyms, in the same order.
 UNLESS_ERASED_SQL = f"""
 WITH blocked AS (
     SELECT t.user_id
@@ -126,8 +87,9 @@ async def write_decisions_unless_erased(
     pseudonyms: dict[str, str],
 ) -> set[str]:
     """On an asyncpg connection in a transaction that holds the erasure fence: log the
-    decisions except those of erased people (``pseudonyms``: user id → pseudonym, empty when
-    nobody can have been erased); returns the erased among them."""
+    decisions except those of erased people (``pseudonyms``: user id → pseudonym; empty when
+    nobody can have been erased, or when the fence preceded the reads); returns the erased
+    among them. JSON parses the timestamps to the microsecond."""
     rows = await driver_connection.fetch(
         UNLESS_ERASED_SQL,
         json_dumps([{**d, "created_at": d["created_at"].isoformat()} for d in decisions]),

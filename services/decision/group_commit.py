@@ -22,7 +22,6 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,6 +29,7 @@ from services.decision.decision_log import write_decisions, write_decisions_unle
 from services.decision.engine import Decided
 from services.ingest.erasure import BEGIN_FENCED_SQL, ErasureGuard, pseudonym
 from shared.metrics import DECISION_COMMIT_BATCH
+from shared.store import driver as store_driver
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class DecisionCommitter:
         users = {d.message.user_id for d in decided}
         pseudonyms = {u: pseudonym(self._key, u) for u in users} if self._key else {}
         async with self._engine.connect() as connection:
-            driver: Any = (await connection.get_raw_connection()).driver_connection
+            driver = await store_driver.driver_connection(connection)
             try:
                 await driver.execute(BEGIN_FENCED_SQL)
                 erased = await write_decisions_unless_erased(

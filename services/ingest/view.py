@@ -214,6 +214,17 @@ def _fields(state: BaseModel) -> dict[str, Any]:
     return state.__dict__
 
 
+def _touch(fields: dict[str, Any], at: datetime) -> None:
+    """What every event does to a user's or an account's view: widen the seen range, count."""
+    if at < fields["first_seen"]:
+        fields["first_seen"] = at
+    if at > fields["last_seen"]:
+        fields["last_seen"] = at
+    if at > fields["updated_at"]:
+        fields["updated_at"] = at
+    fields["event_count"] += 1
+
+
 def _bump(counter: dict[str, int], key: str, by: int = 1) -> None:
     counter[key] = counter.get(key, 0) + by
 
@@ -261,13 +272,7 @@ def apply_to_user(
     fields = _fields(user)
     if fields["account_id"] != event.account_id:
         fields["account_id"] = event.account_id
-    if at < fields["first_seen"]:
-        fields["first_seen"] = at
-    if at > fields["last_seen"]:
-        fields["last_seen"] = at
-    if at > fields["updated_at"]:
-        fields["updated_at"] = at
-    fields["event_count"] += 1
+    _touch(fields, at)
     _bump(user.event_counts, event.type)
     usage = _usage_area(event)
     if usage is not None:
@@ -407,14 +412,7 @@ def apply_to_account(
 ) -> list[Trigger]:
     triggers: list[Trigger] = []
     at = event.time
-    fields = _fields(account)
-    if at < fields["first_seen"]:
-        fields["first_seen"] = at
-    if at > fields["last_seen"]:
-        fields["last_seen"] = at
-    if at > fields["updated_at"]:
-        fields["updated_at"] = at
-    fields["event_count"] += 1
+    _touch(_fields(account), at)
     usage = _usage_area(event)
     if usage is not None:
         area = usage[0]

@@ -53,7 +53,8 @@ class DriverStatement:
         ]
 
 
-async def _driver(connection: AsyncConnection) -> Any:
+async def driver_connection(connection: AsyncConnection) -> Any:
+    """The asyncpg connection under ``connection``, checked as the statements here check it."""
     driver: Any = (await connection.get_raw_connection()).driver_connection
     # SQLAlchemy begins lazily, at the first statement it runs itself; a statement run here
     # before that would commit on its own, outside the caller's transaction. Only a connection
@@ -68,7 +69,7 @@ async def fetchrow(
 ) -> Any:
     """The first row (an asyncpg record), or None. In the connection's transaction, or on its
     own (one consistent snapshot) when SQLAlchemy has begun none on it."""
-    driver = await _driver(connection)
+    driver = await driver_connection(connection)
     try:
         return await driver.fetchrow(statement.sql, *statement.args(params))
     except PostgresError:
@@ -80,12 +81,3 @@ async def fetchrow(
             # request as it is. Discard it here.
             await connection.invalidate()
         raise
-
-
-async def execute(
-    connection: AsyncConnection, statement: DriverStatement, params: Mapping[str, Any]
-) -> None:
-    """Within the connection's transaction: a write is never committed on its own here."""
-    if not connection.in_transaction():
-        raise RuntimeError("writes run in a transaction: begin one first")
-    await (await _driver(connection)).execute(statement.sql, *statement.args(params))

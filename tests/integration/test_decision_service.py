@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -114,8 +115,8 @@ async def _seed(rt: Runtime) -> None:
         )
 
 
-@pytest.fixture
-async def running(settings: Settings) -> AsyncIterator[Running]:
+@asynccontextmanager
+async def _serve(settings: Settings) -> AsyncIterator[Running]:
     rt = Runtime.from_settings(settings)
     service = DecisionService(rt)
     app: FastAPI = create_app(rt, [lambda _: service])
@@ -126,6 +127,12 @@ async def running(settings: Settings) -> AsyncIterator[Running]:
             transport=transport, base_url="http://nbv", headers=auth_headers()
         ) as http:
             yield Running(http, service, rt)
+
+
+@pytest.fixture
+async def running(settings: Settings) -> AsyncIterator[Running]:
+    async with _serve(settings) as r:
+        yield r
 
 
 async def _nbv(r: Running, user: str, **params: Any) -> dict[str, Any]:
@@ -434,32 +441,26 @@ async def test_decisions_recover_when_the_database_drops_its_connections(
 ) -> None:
     """The decision's read runs outside a transaction, where SQLAlchemy sees no failure: a
     connection PostgreSQL closed must still be discarded, not handed to the next request."""
-    rt = Runtime.from_settings(kafka_settings.model_copy(update={"model_dir": tmp_path / "m"}))
-    service = DecisionService(rt)
-    app: FastAPI = create_app(rt, [lambda _: service])
-    async with app.router.lifespan_context(app):
-        await _seed(rt)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://nbv", headers=auth_headers()
-        ) as http:
-            params = {"user_id": "u-end"}
-            warm = await asyncio.gather(
-                *(http.get("/v1/next-best-value", params=params) for _ in range(8))
-            )
-            assert {r.status_code for r in warm} == {200}
-            async with rt.engine.connect() as connection:
-                killed = await connection.scalar(
-                    text(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                    )
+    settings = kafka_settings.model_copy(update={"model_dir": tmp_path / "m"})
+    async with _serve(settings) as running:
+        http, rt = running.http, running.runtime
+        params = {"user_id": "u-end"}
+        warm = await asyncio.gather(
+            *(http.get("/v1/next-best-value", params=params) for _ in range(8))
+        )
+        assert {r.status_code for r in warm} == {200}
+        async with rt.engine.connect() as connection:
+            killed = await connection.scalar(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
-            assert killed
-            statuses = [
-                (await http.get("/v1/next-best-value", params=params)).status_code
-                for _ in range(2 * kafka_settings.db_pool_size + 2)
-            ]
-            # Each dead connection fails at most one request, with a retryable 503.
-            assert set(statuses) <= {200, 503}
-            assert statuses[-1] == 200
+            )
+        assert killed
+        statuses = [
+            (await http.get("/v1/next-best-value", params=params)).status_code
+            for _ in range(2 * kafka_settings.db_pool_size + 2)
+        ]
+        # Each dead connection fails at most one request, with a retryable 503.
+        assert set(statuses) <= {200, 503}
+        assert statuses[-1] == 200

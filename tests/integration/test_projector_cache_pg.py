@@ -275,6 +275,11 @@ def _rename(value: Any, old: str, new: str) -> Any:
     return value
 
 
+async def _u1_and_acme(rt: Runtime) -> tuple[UserView | None, AccountView | None]:
+    async with rt.sessions() as session:
+        return await session.get(UserView, "u1"), await session.get(AccountView, "acme")
+
+
 def _track(n: int, start: int, user: str = "u1") -> list[Event]:
     return [
         event("product.track", {"event": "run"}, account="acme", user=user, minutes=start + i)
@@ -299,9 +304,7 @@ async def test_a_row_someone_else_changed_is_reloaded_not_overwritten(
                 update(AccountView).where(AccountView.account_id == "acme").values(name="Acme")
             )
         await projector.handle(_records(_track(3, 10)))
-        async with rt.sessions() as session:
-            user = await session.get(UserView, "u1")
-            account = await session.get(AccountView, "acme")
+        user, account = await _u1_and_acme(rt)
     finally:
         await rt.bus.stop()
         await rt.engine.dispose()
@@ -336,9 +339,7 @@ async def test_a_failed_batch_leaves_nothing_half_applied_in_memory(
         with pytest.raises(ConnectionError):
             await projector.handle(batch)
         await projector.handle(batch)  # the worker's retry
-        async with rt.sessions() as session:
-            user = await session.get(UserView, "u1")
-            account = await session.get(AccountView, "acme")
+        user, account = await _u1_and_acme(rt)
     finally:
         await rt.bus.stop()
         await rt.engine.dispose()
