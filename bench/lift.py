@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import signal
@@ -52,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.evaluate import TargetPolicy, evaluate_model, first_card_value
 from models.export import load_log
+from models.features import INDEX
 from models.fit import TrainConfig, save_trained, train_from_log
 from models.logdata import LogData
 from models.ranker import load_model
@@ -143,8 +145,10 @@ class Retrainer:
         config: TrainConfig,
         clock: SharedClock,
         window_h: float,
+        without: tuple[str, ...] = (),
     ):
         self.url = store_url(folder)
+        self.without = [INDEX[name] for name in without]
         self.registry = folder / "registry"
         self.policy = policy
         self.config = config
@@ -155,6 +159,10 @@ class Retrainer:
     async def __call__(self, week: int) -> None:
         now = self.clock.now()
         data = LogData.from_table(await load_log(self.url, EPOCH, now + timedelta(seconds=1)))
+        if self.without:  # an ablation: the model learns (and is estimated) without these
+            features = data.features.copy()
+            features[:, self.without] = math.nan
+            data = dataclasses.replace(data, features=features)
         try:
             trained = await asyncio.to_thread(train_from_log, data, self.config, progress=False)
         except ValueError as exc:  # too little logged yet: the current model keeps serving
@@ -219,7 +227,14 @@ async def run_arm(name: str, args: argparse.Namespace, root: Path) -> Outcome:
     proc = ServiceProcess(["run"], process_env(folder, policy, args.seed, clock), folder, name)
     started = time.monotonic()
     retrainer = (
-        Retrainer(folder, policy, TrainConfig.load(args.config), clock, args.reward_window_h)
+        Retrainer(
+            folder,
+            policy,
+            TrainConfig.load(args.config),
+            clock,
+            args.reward_window_h,
+            tuple(f for f in args.without.split(",") if f),
+        )
         if name == "ranker"
         else None
     )
@@ -370,6 +385,11 @@ async def main() -> None:
     parser.add_argument("--settle", type=float, default=0.3, help="seconds after each day step")
     parser.add_argument("--config", type=Path, default=CONFIG, help="the ranker's train config")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset")
+    parser.add_argument(
+        "--without",
+        default="",
+        help="comma-separated feature columns the ranker trains without (missing), an ablation",
+    )
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (stores, logs)")
     parser.add_argument(
         "--sequential", action="store_true", help="one arm after the other (default: together)"
@@ -378,6 +398,9 @@ async def main() -> None:
     args.accounts = args.accounts or (15 if args.quick else 60)
     args.weeks = args.weeks or (3 if args.quick else 6)
     arms = [a for a in args.arms.split(",") if a]
+    unknown = [f for f in args.without.split(",") if f and f not in INDEX]
+    if unknown:
+        parser.error(f"--without: unknown feature columns {unknown}")
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=False)
         outcomes = await run_arms(arms, args, args.keep)
@@ -387,6 +410,12 @@ async def main() -> None:
     if set(arms) != set(ARMS):
         for o in outcomes.values():
             print(f"{o.name}: success {o.success(args.warmup):.4f}", file=sys.stderr)
+            for r in o.rounds:
+                print(
+                    f"  {r.version}: dr_capped {r.ope['dr_capped']:.3f} on {r.ope_decisions}"
+                    f" → achieved {r.achieved:.3f} over {r.achieved_decisions}",
+                    file=sys.stderr,
+                )
         return
     cap = TrainConfig.load(args.config).evaluate.dr_weight_cap
     result = report(outcomes, warmup=args.warmup, primary="dr" if cap is None else "dr_capped")

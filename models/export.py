@@ -18,7 +18,8 @@ per-area usage (``context.feature_usage``), per-area sophistication and support 
 (``context.area_sophistication``, ``context.area_questions``) and the person's offer history
 (``context.offer_history``: element id -> [times offered, days since the last offer]) and
 their earlier answers by area and kind (``context.area_outcomes``, ``context.kind_outcomes``:
-[achieved, dismissed]). Logs
+[achieved, dismissed]) and the per-area recency (``context.area_usage_7d``,
+``context.area_usage_prev_7d``, ``context.area_question_days``). Logs
 written before the engine recorded one of these get NaN in the columns it feeds (LightGBM treats
 NaN as missing); ``rule_score`` is then recovered exactly from the logged P(success) when the
 rule prior was serving. ``features_exact`` says which rows are exact.
@@ -47,6 +48,8 @@ from shared.store.db import create_engine, session_factory
 from shared.store.models import DecisionRow, Intervention, LibraryVersion, ValueElementRow
 
 GRADE = {"completed": 2, "clicked": 1}
+# The per-area recency columns, NaN for decisions logged before the engine recorded them.
+RECENCY_COLUMNS = ("area_usage_7d", "area_share_7d", "area_trend", "days_since_area_question")
 # Which outcome wins when a shown item got several responses.
 OUTCOME_ORDER = ("completed", "clicked", "dismissed", "snoozed", "shown")
 META_COLUMNS = (
@@ -66,6 +69,7 @@ META_COLUMNS = (
     "label",
     "reward",
     "completed_after_h",
+    "shown_after_h",
     "features_exact",
 )
 
@@ -104,6 +108,12 @@ def context_from_features(f: dict[str, float], now: datetime) -> Context:
     )
 
 
+def _counts(logged: object) -> dict[str, int]:
+    if not isinstance(logged, dict):
+        return {}
+    return {str(k): int(v) for k, v in logged.items()}
+
+
 def _pairs(logged: object) -> dict[str, tuple[int, int]]:
     if not isinstance(logged, dict):
         return {}
@@ -121,9 +131,12 @@ def decision_rows(
     elements: dict[str, ValueElement],
     outcomes: dict[str, list[str]],
     completed_at: dict[str, datetime] | None = None,
+    first_seen_at: dict[str, datetime] | None = None,
 ) -> DecisionRows:
     """The eligible candidates of one logged decision as training-log rows; ``completed_at``:
-    when each completed element was first reported completed (``completed_after_h``)."""
+    when each completed element was first reported completed (``completed_after_h``);
+    ``first_seen_at``: when each element's first response of any kind came (``shown_after_h``;
+    without it a shown card counts as shown when decided, as exports did before)."""
     ctx_log: dict[str, Any] = row.context or {}
     logged: dict[str, float] = {k: float(v) for k, v in (ctx_log.get("features") or {}).items()}
     usage: dict[str, int] | None = ctx_log.get("feature_usage")
@@ -134,6 +147,7 @@ def decision_rows(
     areas_logged = "area_sophistication" in ctx_log
     offers_logged = "offer_history" in ctx_log
     outcomes_logged = "area_outcomes" in ctx_log
+    recency_logged = "area_usage_7d" in ctx_log
     ctx = dataclasses.replace(
         ctx,
         area_sophistication={
@@ -146,6 +160,11 @@ def decision_rows(
         },
         area_outcomes=_pairs(ctx_log.get("area_outcomes")),
         kind_outcomes=_pairs(ctx_log.get("kind_outcomes")),
+        area_usage_7d=_counts(ctx_log.get("area_usage_7d")),
+        area_usage_prev_7d=_counts(ctx_log.get("area_usage_prev_7d")),
+        area_question_days={
+            str(k): float(v) for k, v in (ctx_log.get("area_question_days") or {}).items()
+        },
     )
     stage_now = ctx_log.get("stage") or ctx.stage()
     chosen = {c["element_id"]: c for c in row.chosen}
@@ -167,6 +186,7 @@ def decision_rows(
         exact = (
             offers_logged
             and outcomes_logged
+            and recency_logged
             and (not el.feature_area or (usage is not None and areas_logged))
         )
         if usage is None:
@@ -181,6 +201,9 @@ def decision_rows(
             matrix[i, INDEX["days_since_offered"]] = math.nan
         if not outcomes_logged:
             for name in ("area_achieved", "area_dismissed", "kind_achieved", "kind_dismissed"):
+                matrix[i, INDEX[name]] = math.nan
+        if not recency_logged:
+            for name in RECENCY_COLUMNS:
                 matrix[i, INDEX[name]] = math.nan
         if row.model_version == "rules-v1" and c.get("p_success") is not None:
             # The rule prior logs P = o / (1 + o) with o = rule_score ÷ value weight.
@@ -209,6 +232,13 @@ def decision_rows(
                 "label": GRADE.get(outcome or "", 0),
                 "reward": 1.0 if outcome == "completed" else 0.0,
                 "completed_after_h": _hours_after(row.created_at, (completed_at or {}).get(el.id)),
+                "shown_after_h": (
+                    math.nan
+                    if not shown
+                    else 0.0
+                    if first_seen_at is None or el.id not in first_seen_at
+                    else _hours_after(row.created_at, first_seen_at[el.id])
+                ),
                 "features_exact": exact,
             }
         )
@@ -219,6 +249,11 @@ def _hours_after(decided: datetime, done: datetime | None) -> float:
     if done is None:
         return math.nan
     return max(0.0, (_aware(done) - _aware(decided)).total_seconds() / 3600)
+
+
+def _earliest(first: dict[str, datetime], element_id: str, at: datetime) -> None:
+    if element_id not in first or _aware(at) < _aware(first[element_id]):
+        first[element_id] = at
 
 
 def _aware(t: datetime) -> datetime:
@@ -255,6 +290,7 @@ async def load_log(url: str, since: datetime, until: datetime) -> pa.Table:
             ).all()
             responses: dict[str, dict[str, list[str]]] = {}
             completions: dict[str, dict[str, datetime]] = {}
+            first_seen: dict[str, dict[str, datetime]] = {}
             ids = [d.id for d in decisions]
             for i in range(0, len(ids), 500):
                 chunk = ids[i : i + 500]
@@ -266,10 +302,9 @@ async def load_log(url: str, since: datetime, until: datetime) -> pa.Table:
                     responses.setdefault(r.decision_id, {}).setdefault(r.element_id, []).append(
                         r.outcome
                     )
+                    _earliest(first_seen.setdefault(r.decision_id, {}), r.element_id, r.at)
                     if r.outcome == "completed":
-                        first = completions.setdefault(r.decision_id, {})
-                        if r.element_id not in first or _aware(r.at) < _aware(first[r.element_id]):
-                            first[r.element_id] = r.at
+                        _earliest(completions.setdefault(r.decision_id, {}), r.element_id, r.at)
     finally:
         await engine.dispose()
     metas: list[dict[str, Any]] = []
@@ -277,7 +312,9 @@ async def load_log(url: str, since: datetime, until: datetime) -> pa.Table:
     for d in decisions:
         version = (d.context or {}).get("library_version")
         elements = {**libraries[None], **libraries.get(version, {})}
-        rows = decision_rows(d, elements, responses.get(d.id, {}), completions.get(d.id))
+        rows = decision_rows(
+            d, elements, responses.get(d.id, {}), completions.get(d.id), first_seen.get(d.id, {})
+        )
         metas.extend(rows.meta)
         blocks.append(rows.features)
     return to_table(metas, blocks)

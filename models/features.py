@@ -79,6 +79,10 @@ FEATURES: tuple[str, ...] = (
     "area_dismissed",
     "kind_achieved",
     "kind_dismissed",
+    "area_usage_7d",
+    "area_share_7d",
+    "area_trend",
+    "days_since_area_question",
 )
 INDEX = {name: i for i, name in enumerate(FEATURES)}
 
@@ -109,6 +113,11 @@ class Context:
     # and the support tickets the person opened about it.
     area_sophistication: dict[str, float] = field(default_factory=dict)
     area_questions: dict[str, int] = field(default_factory=dict)
+    # Per feature area, what is under way now: product usage in the last 7 days and in the 7
+    # before, and days since the person's newest support ticket about it (absent: none kept).
+    area_usage_7d: dict[str, int] = field(default_factory=dict)
+    area_usage_prev_7d: dict[str, int] = field(default_factory=dict)
+    area_question_days: dict[str, float] = field(default_factory=dict)
     # From the decision log's contacts within the contact-history horizon: element id ->
     # (times offered to this person, days since the last offer); and all offers in 7 days.
     offer_history: dict[str, tuple[int, float]] = field(default_factory=dict)
@@ -237,6 +246,8 @@ def build_matrix(ctx: Context, elements: Sequence[ElementFacts]) -> npt.NDArray[
     stage_now = ctx.stage()
     usage = ctx.feature_usage
     total_usage = sum(usage.values())
+    recent, before = ctx.area_usage_7d, ctx.area_usage_prev_7d
+    total_recent = sum(recent.values())
     # The prior's needs that depend on the person only (see prior_factors).
     detractor = ctx.last_nps is not None and ctx.last_nps <= 6
     tickets = ctx.open_tickets > 0
@@ -263,6 +274,7 @@ def build_matrix(ctx: Context, elements: Sequence[ElementFacts]) -> npt.NDArray[
         times, days = ctx.offer_history.get(el.element_id, (0, NEVER_DAYS))
         area_achieved, area_dismissed = ctx.area_outcomes.get(area or "", (0, 0))
         kind_achieved, kind_dismissed = ctx.kind_outcomes.get(el.kind, (0, 0))
+        week = recent.get(area, 0) if area else 0
         values.append(
             (  # in the order of _ELEMENT_COLUMNS
                 el.value_weight,
@@ -280,6 +292,12 @@ def build_matrix(ctx: Context, elements: Sequence[ElementFacts]) -> npt.NDArray[
                 area_dismissed,
                 kind_achieved,
                 kind_dismissed,
+                math.log1p(week),
+                week / total_recent if week else 0.0,
+                math.log1p(week) - math.log1p(before.get(area, 0)) if area else 0.0,
+                min(ctx.area_question_days.get(area, NEVER_DAYS), NEVER_DAYS)
+                if area
+                else NEVER_DAYS,
             )
         )
     rows[:, _ELEMENT_INDEX] = np.array(values, dtype=np.float64)
@@ -303,6 +321,10 @@ _ELEMENT_COLUMNS = (
     "area_dismissed",
     "kind_achieved",
     "kind_dismissed",
+    "area_usage_7d",
+    "area_share_7d",
+    "area_trend",
+    "days_since_area_question",
 )
 _ELEMENT_INDEX = [INDEX[name] for name in _ELEMENT_COLUMNS]
 

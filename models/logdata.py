@@ -35,6 +35,9 @@ class LogData:
     rank: npt.NDArray[np.int64]  # -1: not chosen
     # Hours from the decision to the completion (NaN: not completed, or an older export).
     completed_after_h: Floats
+    # Hours from the decision to the card's first response, i.e. when it was first shown (NaN:
+    # not shown; 0 in exports from before it was recorded).
+    shown_after_h: Floats
 
     @classmethod
     def from_table(cls, table: pa.Table) -> LogData:
@@ -63,6 +66,7 @@ class LogData:
             completed_after_h=np.asarray(
                 cols.get("completed_after_h", [math.nan] * n), dtype=np.float64
             ),
+            shown_after_h=np.asarray(cols.get("shown_after_h", [0.0] * n), dtype=np.float64),
         )
 
     def __len__(self) -> int:
@@ -73,12 +77,21 @@ class LogData:
 
     def within(self, hours: float, observed_until_us: int) -> LogData:
         """The decisions whose reward window had closed by ``observed_until_us``, with the
-        reward counted only for completions within ``hours`` of the decision. Estimate and
-        achieved value read the same reward this way, however late each was measured (a card
-        left in the inbox can be completed days later)."""
+        reward counted only for completions within ``hours`` of the decision, and a card
+        counted as shown only if it was shown within them. Estimate and achieved value read
+        the same decisions and the same reward this way, however late each was measured: a
+        card left in the inbox can be completed days later, and a card decided on for someone
+        not in the product (a trigger at night, an absence) is first shown days later — when
+        the estimate is made such a card is not shown yet, when the achieved value is measured
+        it is, with no reward possible in its window."""
         closed = self.take(self.decided_at + int(hours * 3600 * 1_000_000) <= observed_until_us)
         in_time = closed.completed_after_h <= hours  # NaN (no completion) compares False
-        return replace(closed, reward=np.where(in_time, closed.reward, 0.0))
+        seen_in_time = closed.shown_after_h <= hours  # NaN (not shown) compares False
+        return replace(
+            closed,
+            reward=np.where(in_time, closed.reward, 0.0),
+            shown=closed.shown & seen_in_time,
+        )
 
     def split_time(self, valid_fraction: float) -> int:
         """The decision time (µs) from which the last ``valid_fraction`` of decisions lie."""

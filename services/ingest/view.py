@@ -92,6 +92,10 @@ class ViewConfig(BaseModel):
     def keep_days(self) -> int:
         return windows.retention_days(self.max_lateness)
 
+    @cached_property
+    def area_keep_days(self) -> int:
+        return windows.retention_days(self.max_lateness, windows.AREA_WINDOW_DAYS)
+
 
 DEFAULT_CONFIG = ViewConfig()
 
@@ -123,6 +127,11 @@ class UserState(BaseModel):
     quiz_scores: dict[str, list[float]] = Field(default_factory=dict)
     # feature area -> support tickets the user opened about it
     support_questions: dict[str, int] = Field(default_factory=dict)
+    # Recency by area (what is under way now, not only what happened ever): feature area ->
+    # UTC day -> product usage that day (the last ``ViewConfig.area_keep_days``, see
+    # _user_usage), and feature area -> ISO time of the newest support ticket about it.
+    area_daily_usage: dict[str, dict[str, int]] = Field(default_factory=dict)
+    area_last_question: dict[str, str] = Field(default_factory=dict)
     tickets_opened: int = 0
     last_csat: int | None = None
     last_csat_at: datetime | None = None
@@ -318,7 +327,10 @@ def apply_to_user(
                 user.last_csat, user.last_csat_at = p.score, event.time
         case TicketOpenedEvent(payload=p):
             user.tickets_opened += 1
-            _bump(user.support_questions, p.feature_area or GENERAL_AREA)
+            area = p.feature_area or GENERAL_AREA
+            _bump(user.support_questions, area)
+            asked = at.isoformat()
+            user.area_last_question[area] = max(asked, user.area_last_question.get(area, asked))
         case ResponseEvent(payload=p):
             triggers += _response(user, event, p.element_id, p.outcome)
         case ContactRoleEvent(payload=p):
@@ -353,6 +365,17 @@ def _user_usage(
         _fields(user)["last_active"] = newest
     per_area = user.area_events.setdefault(area, {})
     _bump(per_area, name)
+    # Per-area days, kept for a shorter window. When the newest day moves on, every area's
+    # buckets are pruned (once per person-day), not only the area used: what is kept is then
+    # the same whatever order the events came in. An area ever used keeps its (maybe empty) key.
+    by_area = user.area_daily_usage
+    if by_area and (last_active is None or day > last_active.date()):
+        for days in by_area.values():
+            windows.prune(days, newest, config.area_keep_days)
+    area_days = by_area.get(area)
+    if area_days is None:
+        area_days = by_area[area] = {}
+    windows.add(area_days, at, newest, config.area_keep_days)
     return triggers
 
 

@@ -16,6 +16,10 @@ from functools import lru_cache
 
 WINDOW_DAYS = (1, 7, 28)
 _LONGEST = 2 * max(WINDOW_DAYS)
+# Per feature area the view keeps the days the ranker's recency reads (the last 7 days against
+# the 7 before), not the whole-product 2 × 28: there are several areas per person, and every
+# day kept is written with the person's row on each batch.
+AREA_WINDOW_DAYS = 14
 
 
 @lru_cache(maxsize=8_192)
@@ -38,8 +42,9 @@ def _days(end: date, days: int) -> tuple[str, ...]:
     return tuple((end - timedelta(days=i)).isoformat() for i in range(days))
 
 
-def retention_days(max_lateness: timedelta) -> int:
-    return _LONGEST + max(0, max_lateness.days) + 1
+def retention_days(max_lateness: timedelta, window_days: int = _LONGEST) -> int:
+    """Days of buckets kept behind the newest event: the window read plus the lateness."""
+    return window_days + max(0, max_lateness.days) + 1
 
 
 def add(buckets: dict[str, int], at: datetime, newest: datetime, keep_days: int) -> bool:

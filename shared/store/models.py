@@ -99,6 +99,9 @@ class UserView(Base):
     area_events: Mapped[dict[str, Any]] = mapped_column(default=dict)
     quiz_scores: Mapped[dict[str, Any]] = mapped_column(default=dict)
     support_questions: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Per-area recency (migration 0002): area -> day -> usage, area -> newest ticket time.
+    area_daily_usage: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+    area_last_question: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     tickets_opened: Mapped[int] = mapped_column(Integer, default=0)
     last_csat: Mapped[int | None] = mapped_column(Integer)
     last_csat_at: Mapped[datetime | None]

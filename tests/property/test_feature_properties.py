@@ -57,6 +57,17 @@ def reference_row(ctx: Context, el: ElementFacts) -> np.ndarray:
     row[INDEX["area_achieved"]], row[INDEX["area_dismissed"]] = achieved, dismissed
     achieved, dismissed = ctx.kind_outcomes.get(el.kind, (0, 0))
     row[INDEX["kind_achieved"]], row[INDEX["kind_dismissed"]] = achieved, dismissed
+    # Per-area recency: none for an element without an area (no ticket ever, as for offers).
+    row[INDEX["days_since_area_question"]] = NEVER_DAYS
+    if area:
+        week = ctx.area_usage_7d.get(area, 0)
+        row[INDEX["area_usage_7d"]] = math.log1p(week)
+        row[INDEX["area_share_7d"]] = week / sum(ctx.area_usage_7d.values()) if week else 0.0
+        row[INDEX["area_trend"]] = math.log1p(week) - math.log1p(
+            ctx.area_usage_prev_7d.get(area, 0)
+        )
+        days = ctx.area_question_days.get(area, NEVER_DAYS)
+        row[INDEX["days_since_area_question"]] = min(days, NEVER_DAYS)
     return row
 
 
@@ -90,6 +101,9 @@ contexts = st.builds(
     usage_prev_7d=st.floats(0, 100),
     area_sophistication=st.dictionaries(areas, st.floats(0, 1), max_size=3),
     area_questions=st.dictionaries(areas, counts, max_size=3),
+    area_usage_7d=st.dictionaries(areas, counts, max_size=4),
+    area_usage_prev_7d=st.dictionaries(areas, counts, max_size=4),
+    area_question_days=st.dictionaries(areas, st.floats(0, 2 * NEVER_DAYS), max_size=3),
     offer_history=st.dictionaries(
         st.sampled_from([f"e{i}" for i in range(6)]),
         st.tuples(st.integers(1, 5), st.floats(0, 60)),

@@ -295,3 +295,50 @@ def test_summaries_read_as_of_now() -> None:
     assert a.days_to_renewal == 80 and a.worst_open_priority == "high"
     assert a.tickets_30d == 1 and a.open_tickets == 1
     assert a.health.components["support"].value < 1.0
+
+
+def test_per_area_recency_counts_days_by_area_and_the_newest_question() -> None:
+    events = [track(d + i / 100, "reporting") for d in range(7) for i in range(3)]
+    events += [track(7 + d + i / 100, "reporting") for d in range(7) for i in range(1)]
+    events += [track(10 + i / 100, "automation") for i in range(5)]
+    events += [
+        event("support.ticket_opened", {"ticket_id": "t2", "feature_area": "automation"}, at=at)
+        for at in (T0 + timedelta(days=9), T0 + timedelta(days=4))  # the older one arrives late
+    ]
+    events.append(event("support.ticket_opened", {"ticket_id": "t3"}, at=T0))
+    users, _, _ = fold(events)
+    user = users["u1"]
+    end = (T0 + timedelta(days=13)).date()
+    reporting = user.area_daily_usage["reporting"]
+    assert windows.total(reporting, end, 7) == 7
+    assert windows.total(reporting, end - timedelta(days=7), 7) == 21
+    assert windows.total(user.area_daily_usage["automation"], end, 7) == 5
+    assert user.area_last_question == {
+        "automation": (T0 + timedelta(days=9)).isoformat(),
+        "general": T0.isoformat(),
+    }
+
+
+def test_per_area_days_are_kept_for_the_area_window_only() -> None:
+    config = ViewConfig(max_lateness=timedelta(days=1))
+    keep = config.area_keep_days
+    assert keep == windows.AREA_WINDOW_DAYS + 2 < config.keep_days
+    # Reporting is not used again after day 0: its day goes when the newest day moves past it.
+    users, _, _ = fold([track(0, "reporting"), track(100, "core"), track(100 - keep + 1)], config)
+    user = users["u1"]
+    assert user.area_daily_usage["reporting"] == {}
+    assert len(user.area_daily_usage["core"]) == 2
+    # An event older than the window (behind the newest) is not bucketed.
+    users, _, _ = fold([track(100), track(100 - keep - 1)], config)
+    assert len(users["u1"].area_daily_usage["core"]) == 1
+
+
+def test_a_view_stored_before_per_area_recency_still_loads() -> None:
+    users, _, _ = fold([track(0, "reporting")])
+    stored = users["u1"].model_dump()
+    del stored["area_daily_usage"], stored["area_last_question"]
+    old = UserState.model_validate(stored)
+    assert old.area_daily_usage == {} and old.area_last_question == {}
+    # The next event fills the recency in.
+    apply_event(new_account(track(1)), old, track(1, "reporting"))
+    assert old.area_daily_usage == {"reporting": {"2026-11-02": 1}}

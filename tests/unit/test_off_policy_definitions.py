@@ -59,6 +59,8 @@ def _table(rows: Sequence[Mapping[str, object]], features: np.ndarray) -> pa.Tab
             "completed_after_h",
         )
     }
+    if all("shown_after_h" in r for r in rows):
+        cols["shown_after_h"] = [r["shown_after_h"] for r in rows]
     cols["decided_at"] = pa.array(
         [r["decided_at"] for r in rows], type=pa.timestamp("us", tz="UTC")
     )
@@ -179,6 +181,42 @@ def test_rewards_count_within_the_window_and_open_windows_are_left_out() -> None
     assert later.reward.tolist() == [1.0, 0.0, 0.0, 1.0]
 
 
+def test_a_card_first_shown_after_its_window_is_out_of_both_sides() -> None:
+    """A card decided on for someone not in the product (a trigger at night, an absence) is
+    first shown days later: when the estimate is made it is not shown yet, so the achieved
+    value must not count it either (it could earn no reward in its window anyway)."""
+    features = np.zeros((3, len(FEATURES)))
+    rows = [
+        {
+            "decision_id": f"d{i}",
+            "user_id": "u",
+            "element_id": "e",
+            "model_version": "m",
+            "label": 2 if i == 0 else 0,
+            "reward": 1.0 if i == 0 else 0.0,
+            "propensity": 0.5,
+            "shown": True,
+            "lever": 1.0,
+            "rank": 1,
+            "completed_after_h": 0.5 if i == 0 else math.nan,
+            "shown_after_h": shown_after,
+            "decided_at": T0 + timedelta(hours=i),
+        }
+        for i, shown_after in enumerate([0.0, 40.0, 3.0])
+    ]
+    data = LogData.from_table(_table(rows, features))
+    # At the retrain (a day later) d1 was not shown yet; at the end it was: the same rows count.
+    at_retrain = data.within(12.0, int((T0 + timedelta(days=1)).timestamp() * 1e6))
+    at_end = data.within(12.0, int((T0 + timedelta(days=9)).timestamp() * 1e6))
+    for seen in (at_retrain, at_end):
+        assert seen.shown.tolist() == [True, False, True]
+        value, decisions = first_card_value(seen, "m")
+        assert value == pytest.approx(0.5) and decisions == 2
+    # An export from before shown_after_h was recorded: shown cards count as shown when decided.
+    old = [{k: v for k, v in r.items() if k != "shown_after_h"} for r in rows]
+    assert LogData.from_table(_table(old, features)).within(12.0, 2**62).shown.all()
+
+
 def test_export_records_when_the_card_was_completed() -> None:
     from models.export import decision_rows
     from services.decision.library import load_library
@@ -192,10 +230,13 @@ def test_export_records_when_the_card_was_completed() -> None:
         library,
         {ids[2]: ["shown", "completed"]},
         {ids[2]: decided + timedelta(hours=26)},
+        {ids[2]: decided + timedelta(hours=20)},
     )
     chosen = [m for m in out.meta if m["shown"]]
     assert chosen[0]["completed_after_h"] == pytest.approx(26.0)
+    assert chosen[0]["shown_after_h"] == pytest.approx(20.0)
     assert all(math.isnan(m["completed_after_h"]) for m in out.meta if not m["shown"])
+    assert all(math.isnan(m["shown_after_h"]) for m in out.meta if not m["shown"])
 
 
 def test_capped_dr_leaves_the_largest_weights_to_the_reward_model() -> None:

@@ -141,6 +141,9 @@ def _served_decision(full_log: bool) -> tuple[object, np.ndarray, list[str]]:
         usage_prev_7d=70,
         area_sophistication={"core": 0.62, "reporting": 0.2},
         area_questions={"reporting": 2},
+        area_usage_7d={"core": 9, "reporting": 3},
+        area_usage_prev_7d={"core": 20},
+        area_question_days={"reporting": 1.5},
     )
     elements = [e for e in load_library().elements if "champion" in [r.value for r in e.roles]]
     elements = elements[:8]
@@ -164,6 +167,9 @@ def _served_decision(full_log: bool) -> tuple[object, np.ndarray, list[str]]:
         context["offer_history"] = {k: list(v) for k, v in ctx.offer_history.items()}
         context["area_outcomes"] = {k: list(v) for k, v in ctx.area_outcomes.items()}
         context["kind_outcomes"] = {k: list(v) for k, v in ctx.kind_outcomes.items()}
+        context["area_usage_7d"] = dict(ctx.area_usage_7d)
+        context["area_usage_prev_7d"] = dict(ctx.area_usage_prev_7d)
+        context["area_question_days"] = dict(ctx.area_question_days)
     else:
         del context["features"]["offers_7d"]  # type: ignore[attr-defined]
     row = DecisionRow(
@@ -206,6 +212,10 @@ NOT_IN_OLD_LOGS = (
     "area_dismissed",
     "kind_achieved",
     "kind_dismissed",
+    "area_usage_7d",
+    "area_share_7d",
+    "area_trend",
+    "days_since_area_question",
 )
 
 
