@@ -45,7 +45,7 @@ from services.decision.rules import evaluate
 from services.ingest.summary import sophistication as area_sophistication
 from services.ingest.view import AccountState, UserState
 from services.ingest.windows import total as usage_total
-from shared.contracts import DecidedItem, DecisionMessage
+from shared.contracts import DecidedItem, DecisionMessage, ElementContent
 from shared.envelope import Channel, Role
 from shared.metrics import DECISION_DURATION, DECISIONS, EXCLUSIONS, MODEL_DECISIONS
 from shared.store.models import DecisionRow
@@ -91,6 +91,8 @@ class LibrarySnapshot:
     elements: tuple[ValueElement, ...]
     by_id: dict[str, ValueElement] = field(default_factory=dict)
     element_facts: dict[str, ElementFacts] = field(default_factory=dict)
+    # What / Why / How as served, built once per library rather than per offered item.
+    contents: dict[str, ElementContent] = field(default_factory=dict)
     # How far back the contact policy looks (the longest cool-down).
     horizon: timedelta = field(default_factory=lambda: history_horizon(()))
 
@@ -101,6 +103,7 @@ class LibrarySnapshot:
             tuple(elements),
             {e.id: e for e in elements},
             {e.id: facts(e) for e in elements},
+            {e.id: e.content() for e in elements},
             history_horizon(elements),
         )
 
@@ -126,6 +129,21 @@ def context_of(user: UserState, account: AccountState | None, now: datetime) -> 
     health = _num(user, "health_score")
     if health is None and account is not None:
         health = _num(account, "health_score")
+    # Per-area recency: usage this week and the week before, days since the newest ticket.
+    week_before = today - timedelta(days=7)
+    by_area = user.area_daily_usage
+    area_7d: dict[str, int] = {}
+    area_prev_7d: dict[str, int] = {}
+    for area, days in by_area.items():
+        if n := usage_total(days, today, 7):
+            area_7d[area] = n
+        if n := usage_total(days, week_before, 7):
+            area_prev_7d[area] = n
+    asked = user.area_last_question
+    question_days = {
+        area: round(max(0.0, (now - datetime.fromisoformat(at)).total_seconds() / 86_400), 3)
+        for area, at in asked.items()
+    }
     return Context(
         now=now,
         role=user.role,
@@ -146,13 +164,16 @@ def context_of(user: UserState, account: AccountState | None, now: datetime) -> 
         mrr=account.mrr if account else None,
         area_sophistication={a: s.score for a, s in area_sophistication(user).items()},
         area_questions=dict(user.support_questions),
+        area_usage_7d=area_7d,
+        area_usage_prev_7d=area_prev_7d,
+        area_question_days=question_days,
     )
 
 
 CsmOf = Callable[[str, AccountState | None], str | None]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Candidate:
     element: ValueElement
     excluded_by: str | None = None
@@ -328,7 +349,7 @@ class DecisionEngine:
                         lever=c.lever,
                         required=required,
                     ),
-                    content=c.element.content(),
+                    content=library.contents[c.element.id],
                 )
             )
             DECISIONS.labels(c.element.id, item_channel.value, ranker.version).inc()
@@ -361,6 +382,9 @@ class DecisionEngine:
                 "feature_usage": dict(ctx.feature_usage),
                 "area_sophistication": dict(ctx.area_sophistication),
                 "area_questions": dict(ctx.area_questions),
+                "area_usage_7d": dict(ctx.area_usage_7d),
+                "area_usage_prev_7d": dict(ctx.area_usage_prev_7d),
+                "area_question_days": dict(ctx.area_question_days),
                 "offer_history": {k: list(v) for k, v in ctx.offer_history.items()},
                 "area_outcomes": {k: list(v) for k, v in ctx.area_outcomes.items()},
                 "kind_outcomes": {k: list(v) for k, v in ctx.kind_outcomes.items()},
@@ -425,9 +449,10 @@ class DecisionEngine:
     def cold_start(self, channel: Channel, limit: int) -> list[DecidedItem]:
         """The documented answer for someone NBV knows nothing about: role-agnostic onboarding
         elements without prerequisites, deliverable on the channel, by value per minute."""
+        library = self.library
         pool = [
             e
-            for e in self.library.elements
+            for e in library.elements
             if e.stage is Stage.ONBOARD
             and not e.roles
             and not e.prerequisites
@@ -442,13 +467,17 @@ class DecisionEngine:
                 score=round(e.value_weight / (1 + e.effort_minutes / 60), 6),
                 propensity=1.0,
                 reason="cold start: a first step that fits any role",
-                content=e.content(),
+                content=library.contents[e.id],
             )
             for rank, e in enumerate(pool[:limit], start=1)
         ]
 
 
 def _candidate_log(c: _Candidate) -> dict[str, Any]:
+    # An excluded element was never scored: its entry says only which rule and why. Most of a
+    # library is excluded for most people, so this halves the JSON written per decision.
+    if c.excluded_by is not None:
+        return {"element_id": c.element.id, "excluded_by": c.excluded_by, "detail": c.detail}
     return {
         "element_id": c.element.id,
         "excluded_by": c.excluded_by,

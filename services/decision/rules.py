@@ -6,15 +6,14 @@ These run before the ranker, so the ranker never sees an ineligible element.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from services.decision.library import ValueElement
 from services.ingest.view import UserState
 from shared.envelope import Channel
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):  # a tuple: one per library element on every decision
     element: ValueElement
     excluded_by: str | None  # rule name, None when eligible
     detail: str = ""
@@ -51,7 +50,7 @@ def evaluate(
             verdicts.append(Verdict(e, "channel", f"not deliverable by {channel.value}"))
         elif e.roles and user.role is not None and user.role not in e.roles:
             verdicts.append(Verdict(e, "role", f"not for role {user.role}"))
-        elif missing := [p for p in e.prerequisites if p not in achieved]:
+        elif e.prerequisites and (missing := [p for p in e.prerequisites if p not in achieved]):
             verdicts.append(Verdict(e, "prerequisites", "needs " + ", ".join(missing)))
         else:
             verdicts.append(Verdict(e, None))
