@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.features import FEATURES, INDEX
+from models.treeshap import compile_tables
 
 Matrix = npt.NDArray[np.float64]
 Vector = npt.NDArray[np.float64]
@@ -69,6 +70,10 @@ class LightGBMRanker:
         self.version = version
         self.slope = slope
         self.intercept = intercept
+        # Every decision is explained, and pred_contrib re-runs TreeSHAP over all trees per
+        # row; the tables do the row-independent part once, here (None: a model they can't
+        # express, explained by pred_contrib).
+        self._shap = compile_tables(booster)
 
     def score(self, features: Matrix) -> npt.NDArray[np.float64]:
         # One thread: the rows of one decision are few, and OpenMP's thread team costs more
@@ -81,6 +86,8 @@ class LightGBMRanker:
 
     def contributions(self, features: Matrix) -> Matrix | None:
         """Per-feature SHAP contributions (last column: the bias), one row per input row."""
+        if self._shap is not None:
+            return self._shap.contributions(features)
         return np.asarray(
             self._booster.predict(features, pred_contrib=True, num_threads=1), dtype=np.float64
         )

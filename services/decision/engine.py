@@ -314,10 +314,10 @@ class DecisionEngine:
             used[item_channel.value] += 1
             chosen.append((pick.index, pick, item_channel))
 
-        # SHAP values cost about 0.4 ms per row on a 200-tree model of 15 leaves, so only the
-        # top ``explain_items`` get them. In this thread: handing them to a worker thread cost
-        # more CPU per decision (the hand-off, and the two threads trading the GIL) than the
-        # event loop would have gained (measured: docs/decision.md, "Benchmark").
+        # SHAP values (models.treeshap's tables: about 0.1 ms per row on a 200-tree model of
+        # 15 leaves) only for the top ``explain_items``. In this thread: handing them to a
+        # worker thread cost more CPU per decision (the hand-off, and the two threads trading
+        # the GIL) than the event loop would have gained (docs/decision.md, "Benchmark").
         explained = [i for i, _, _ in chosen[: self.explain_items]]
         contributions = (
             ranker.contributions(matrix[explained])
