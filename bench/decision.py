@@ -86,6 +86,16 @@ async def seed_view(url: str, seed: int = 7) -> None:
             for d in range(0, 14)
             if rng.random() < 0.6
         }
+        # Per-area recency as the view keeps it: the areas used, by day, over two weeks.
+        by_area = {
+            area: {day: rng.randint(1, 12) for day in daily if rng.random() < 0.5}
+            for area in usage
+        }
+        asked = {
+            area: (now - timedelta(days=rng.randint(0, 60))).isoformat()
+            for area in usage
+            if rng.random() < 0.2
+        }
         users.append(
             {
                 "user_id": f"u{i:05d}",
@@ -102,7 +112,9 @@ async def seed_view(url: str, seed: int = 7) -> None:
                 "achieved": {},
                 "dismissed": {},
                 "updated_at": now,
-                **({"daily_usage": daily} if hasattr(UserView, "daily_usage") else {}),
+                "daily_usage": daily,
+                "area_daily_usage": by_area,
+                "area_last_question": asked,
             }
         )
     engine = create_async_engine(url)

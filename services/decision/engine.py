@@ -41,7 +41,7 @@ from services.decision.library import Stage, ValueElement
 from services.decision.person import read_person
 from services.decision.playbooks import PlaybookSet
 from services.decision.policy import Exploration, Pick
-from services.decision.rules import evaluate
+from services.decision.rules import Gate, gate, judge
 from services.ingest.summary import sophistication as area_sophistication
 from services.ingest.view import AccountState, UserState
 from services.ingest.windows import total as usage_total
@@ -91,6 +91,8 @@ class LibrarySnapshot:
     elements: tuple[ValueElement, ...]
     by_id: dict[str, ValueElement] = field(default_factory=dict)
     element_facts: dict[str, ElementFacts] = field(default_factory=dict)
+    # What the eligibility rules read, in the order of ``elements``.
+    gates: tuple[Gate, ...] = ()
     # What / Why / How as served, built once per library rather than per offered item.
     contents: dict[str, ElementContent] = field(default_factory=dict)
     # How far back the contact policy looks (the longest cool-down).
@@ -103,6 +105,7 @@ class LibrarySnapshot:
             tuple(elements),
             {e.id: e for e in elements},
             {e.id: facts(e) for e in elements},
+            tuple(gate(e) for e in elements),
             {e.id: e.content() for e in elements},
             history_horizon(elements),
         )
@@ -270,7 +273,8 @@ class DecisionEngine:
         ctx = past_outcomes(ctx, user.achieved, user.dismissed, library.element_facts)
 
         candidates: list[_Candidate] = []
-        for verdict in evaluate(elements, user, channel, library.elements):
+        judged = library.gates if only is None else [gate(e) for e in elements]
+        for verdict in judge(judged, user, channel, library.gates):
             c = _Candidate(verdict.element, verdict.excluded_by, verdict.detail)
             if c.excluded_by is None and c.element.id in effects.excluded:
                 c.excluded_by = "rule:" + effects.excluded[c.element.id]

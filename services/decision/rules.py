@@ -19,6 +19,32 @@ class Verdict(NamedTuple):  # a tuple: one per library element on every decision
     detail: str = ""
 
 
+class Gate(NamedTuple):
+    """What eligibility reads of an element, in the shapes it reads them: built once per
+    library, since the rules run over the whole library on every decision."""
+
+    element: ValueElement
+    id: str
+    achieved_event: str | None
+    channels: frozenset[Channel]
+    roles: frozenset[str]
+    prerequisites: tuple[str, ...]
+
+
+def gate(element: ValueElement) -> Gate:
+    return Gate(
+        element,
+        element.id,
+        element.achieved_event,
+        frozenset(element.channels),
+        frozenset(r.value for r in element.roles),
+        tuple(element.prerequisites),
+    )
+
+
+_NOT_BY = {c: f"not deliverable by {c.value}" for c in Channel}
+
+
 def is_achieved(element: ValueElement, user: UserState) -> bool:
     if element.id in user.achieved:
         return True
@@ -33,25 +59,41 @@ def evaluate(
 ) -> list[Verdict]:
     """Verdicts for ``elements``; prerequisites are looked up in ``library`` (default: the
     same elements), so a single element can be judged against the whole library."""
-    done, tracked = user.achieved, user.track_events
-    # is_achieved, inlined: this runs over the whole library on every decision.
+    return judge(
+        [gate(e) for e in elements],
+        user,
+        channel,
+        None if library is None else [gate(e) for e in library],
+    )
+
+
+def judge(
+    gates: Sequence[Gate],
+    user: UserState,
+    channel: Channel | None,
+    library: Sequence[Gate] | None = None,
+) -> list[Verdict]:
+    """``evaluate`` over gates built beforehand (``LibrarySnapshot.gates``)."""
+    done, tracked, dismissed, role = user.achieved, user.track_events, user.dismissed, user.role
+    # is_achieved, inlined.
     achieved = {
-        e.id
-        for e in (elements if library is None else library)
-        if e.id in done or (e.achieved_event is not None and e.achieved_event in tracked)
+        g.id
+        for g in (gates if library is None else library)
+        if g.id in done or (g.achieved_event is not None and g.achieved_event in tracked)
     }
     verdicts: list[Verdict] = []
-    for e in elements:
-        if e.id in achieved:
-            verdicts.append(Verdict(e, "achieved", "already completed"))
-        elif e.id in user.dismissed:
-            verdicts.append(Verdict(e, "dismissed", f"dismissed at {user.dismissed[e.id]}"))
-        elif channel is not None and channel not in e.channels:
-            verdicts.append(Verdict(e, "channel", f"not deliverable by {channel.value}"))
-        elif e.roles and user.role is not None and user.role not in e.roles:
-            verdicts.append(Verdict(e, "role", f"not for role {user.role}"))
-        elif e.prerequisites and (missing := [p for p in e.prerequisites if p not in achieved]):
-            verdicts.append(Verdict(e, "prerequisites", "needs " + ", ".join(missing)))
+    append = verdicts.append
+    for e, id_, _, channels, roles, prerequisites in gates:
+        if id_ in achieved:
+            append(Verdict(e, "achieved", "already completed"))
+        elif id_ in dismissed:
+            append(Verdict(e, "dismissed", f"dismissed at {dismissed[id_]}"))
+        elif channel is not None and channel not in channels:
+            append(Verdict(e, "channel", _NOT_BY[channel]))
+        elif roles and role is not None and role not in roles:
+            append(Verdict(e, "role", f"not for role {role}"))
+        elif prerequisites and (missing := [p for p in prerequisites if p not in achieved]):
+            append(Verdict(e, "prerequisites", "needs " + ", ".join(missing)))
         else:
-            verdicts.append(Verdict(e, None))
+            append(Verdict(e, None))
     return verdicts
