@@ -88,8 +88,7 @@ async def seed_view(url: str, seed: int = 7) -> None:
         }
         # Per-area recency as the view keeps it: the areas used, by day, over two weeks.
         by_area = {
-            area: {day: rng.randint(1, 12) for day in daily if rng.random() < 0.5}
-            for area in usage
+            area: {day: rng.randint(1, 12) for day in daily if rng.random() < 0.5} for area in usage
         }
         asked = {
             area: (now - timedelta(days=rng.randint(0, 60))).isoformat()
