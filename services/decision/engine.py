@@ -478,9 +478,10 @@ class DecisionEngine:
 
 
 def _candidate_log(c: _Candidate) -> dict[str, Any]:
-    # An excluded element was never scored: its entry says only which rule and why. Most of a
-    # library is excluded for most people, so this halves the JSON written per decision.
-    if c.excluded_by is not None:
+    # An element excluded before the ranker has no scores: its entry says only which rule and
+    # why. Most of a library is excluded for most people, so this halves the JSON written per
+    # decision. One the caps turned away after ranking keeps its scores.
+    if c.score is None:
         return {"element_id": c.element.id, "excluded_by": c.excluded_by, "detail": c.detail}
     return {
         "element_id": c.element.id,

@@ -203,6 +203,12 @@ async def test_contact_policy_exclusions_are_logged_with_reasons(running: Runnin
     rules = {c["excluded_by"] for c in log["candidates"]}
     assert {"channel", "role"} <= rules  # eligibility rules still apply
     assert any("within this decision" in c["detail"] for c in log["candidates"])
+    # Excluded before ranking: the rule and why only; turned away after it: with its scores.
+    for c in log["candidates"]:
+        if c["excluded_by"] in ("channel", "role"):
+            assert set(c) == {"element_id", "excluded_by", "detail"}
+        if "within this decision" in c["detail"]:
+            assert c["score"] is not None and c["final"] is not None
 
     second = await _nbv(running, "u-champ", channel="email", limit=3)
     assert second["items"] == []
