@@ -233,11 +233,9 @@ def decision_rows(
                 "reward": 1.0 if outcome == "completed" else 0.0,
                 "completed_after_h": _hours_after(row.created_at, (completed_at or {}).get(el.id)),
                 "shown_after_h": (
-                    math.nan
-                    if not shown
-                    else 0.0
-                    if first_seen_at is None or el.id not in first_seen_at
-                    else _hours_after(row.created_at, first_seen_at[el.id])
+                    _hours_after(row.created_at, (first_seen_at or {}).get(el.id, row.created_at))
+                    if shown
+                    else math.nan
                 ),
                 "features_exact": exact,
             }

@@ -45,12 +45,6 @@ def gate(element: ValueElement) -> Gate:
 _NOT_BY = {c: f"not deliverable by {c.value}" for c in Channel}
 
 
-def is_achieved(element: ValueElement, user: UserState) -> bool:
-    if element.id in user.achieved:
-        return True
-    return element.achieved_event is not None and element.achieved_event in user.track_events
-
-
 def evaluate(
     elements: Sequence[ValueElement],
     user: UserState,
@@ -75,7 +69,7 @@ def judge(
 ) -> list[Verdict]:
     """``evaluate`` over gates built beforehand (``LibrarySnapshot.gates``)."""
     done, tracked, dismissed, role = user.achieved, user.track_events, user.dismissed, user.role
-    # is_achieved, inlined.
+    # Achieved: reported completed, or the event that marks it tracked.
     achieved = {
         g.id
         for g in (gates if library is None else library)

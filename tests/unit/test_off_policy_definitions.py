@@ -151,23 +151,33 @@ def test_a_required_card_weighs_one_whatever_the_scores() -> None:
     assert v.tolist() == q.tolist() == [0.1]
 
 
+def _first_card(
+    i: int, decided_at: datetime, completed_after_h: float | None, **extra: object
+) -> dict[str, object]:
+    """Decision ``d{i}``'s shown first card, completed ``completed_after_h`` after it (None:
+    never), propensity 0.5."""
+    done = completed_after_h is not None
+    return {
+        "decision_id": f"d{i}",
+        "user_id": "u",
+        "element_id": "e",
+        "model_version": "m",
+        "label": 2 if done else 0,
+        "reward": 1.0 if done else 0.0,
+        "propensity": 0.5,
+        "shown": True,
+        "lever": 1.0,
+        "rank": 1,
+        "completed_after_h": math.nan if completed_after_h is None else completed_after_h,
+        "decided_at": decided_at,
+        **extra,
+    }
+
+
 def test_rewards_count_within_the_window_and_open_windows_are_left_out() -> None:
     features = np.zeros((4, len(FEATURES)))
     rows = [
-        {
-            "decision_id": f"d{i}",
-            "user_id": "u",
-            "element_id": "e",
-            "model_version": "m",
-            "label": 2 if after is not None else 0,
-            "reward": 1.0 if after is not None else 0.0,
-            "propensity": 0.5,
-            "shown": True,
-            "lever": 1.0,
-            "rank": 1,
-            "completed_after_h": math.nan if after is None else after,
-            "decided_at": T0 + timedelta(days=i),
-        }
+        _first_card(i, T0 + timedelta(days=i), after)
         for i, after in enumerate([0.2, 30.0, None, 0.1])
     ]
     data = LogData.from_table(_table(rows, features))
@@ -187,21 +197,7 @@ def test_a_card_first_shown_after_its_window_is_out_of_both_sides() -> None:
     value must not count it either (it could earn no reward in its window anyway)."""
     features = np.zeros((3, len(FEATURES)))
     rows = [
-        {
-            "decision_id": f"d{i}",
-            "user_id": "u",
-            "element_id": "e",
-            "model_version": "m",
-            "label": 2 if i == 0 else 0,
-            "reward": 1.0 if i == 0 else 0.0,
-            "propensity": 0.5,
-            "shown": True,
-            "lever": 1.0,
-            "rank": 1,
-            "completed_after_h": 0.5 if i == 0 else math.nan,
-            "shown_after_h": shown_after,
-            "decided_at": T0 + timedelta(hours=i),
-        }
+        _first_card(i, T0 + timedelta(hours=i), 0.5 if i == 0 else None, shown_after_h=shown_after)
         for i, shown_after in enumerate([0.0, 40.0, 3.0])
     ]
     data = LogData.from_table(_table(rows, features))
