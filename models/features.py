@@ -233,21 +233,24 @@ def rule_score(ctx: Context, el: ElementFacts) -> float:
     return el.value_weight * odds
 
 
-def build_matrix(ctx: Context, elements: Sequence[ElementFacts]) -> npt.NDArray[np.float64]:
+def build_matrix(
+    ctx: Context, elements: Sequence[ElementFacts], base: Mapping[str, float] | None = None
+) -> npt.NDArray[np.float64]:
     """One row per element. Filled column by column: the per-context parts of the prior and
     of the area features are computed once, not once per element (this runs on every
-    decision, over every eligible element)."""
+    decision, over every eligible element). ``base``: ``context_vector(ctx)``, if the caller
+    has it already."""
     n = len(elements)
     rows = np.zeros((n, len(FEATURES)), dtype=np.float64)
     if not n:
         return rows
-    base = context_vector(ctx)
+    if base is None:
+        base = context_vector(ctx)
     rows[:, [INDEX[name] for name in base]] = list(base.values())
     stage_now = ctx.stage()
     usage = ctx.feature_usage
     total_usage = sum(usage.values())
-    recent, before = ctx.area_usage_7d, ctx.area_usage_prev_7d
-    total_recent = sum(recent.values())
+    total_recent = sum(ctx.area_usage_7d.values())
     # The prior's needs that depend on the person only (see prior_factors).
     detractor = ctx.last_nps is not None and ctx.last_nps <= 6
     tickets = ctx.open_tickets > 0
@@ -257,70 +260,83 @@ def build_matrix(ctx: Context, elements: Sequence[ElementFacts]) -> npt.NDArray[
     rows[index, [INDEX[f"stage_{el.stage}"] for el in elements]] = 1.0
     area_rows = [i for i, el in enumerate(elements) if f"area_{el.feature_area}" in INDEX]
     rows[area_rows, [INDEX[f"area_{elements[i].feature_area}"] for i in area_rows]] = 1.0
+    # The area columns depend on the element only through its area: once per area met.
+    by_area: dict[str | None, tuple[float, ...]] = {}
     values: list[tuple[float, ...]] = []
     for el in elements:
         area = el.feature_area
-        used = usage.get(area, 0) if area else 0
+        of_area = by_area.get(area)
+        if of_area is None:
+            of_area = by_area[area] = _area_columns(ctx, area, total_usage, total_recent)
         need = 1.0
         if detractor and el.kind == "human_touch":
             need += 1.0
         if tickets and el.kind in ("guide", "walkthrough", "video"):
             need += 0.5
-        if area and used == 0:
+        if area and not usage.get(area, 0):
             need += 0.25
         if usage_drop and el.stage in ("monitor", "engage"):
             need += 0.5
         stage_fit = 1.0 if el.stage == stage_now else 0.4
-        times, days = ctx.offer_history.get(el.element_id, (0, NEVER_DAYS))
-        area_achieved, area_dismissed = ctx.area_outcomes.get(area or "", (0, 0))
         kind_achieved, kind_dismissed = ctx.kind_outcomes.get(el.kind, (0, 0))
-        week = recent.get(area, 0) if area else 0
         values.append(
             (  # in the order of _ELEMENT_COLUMNS
                 el.value_weight,
                 el.effort_minutes,
                 el.stage == stage_now,
                 not el.roles or ctx.role in el.roles,
-                math.log1p(used) if area else 0.0,
                 el.value_weight * (stage_fit * need / (1 + el.effort_minutes / 60)),
-                used / total_usage if area and total_usage else 0.0,
-                ctx.area_sophistication.get(area, 0.0) if area else 0.0,
-                ctx.area_questions.get(area, 0) if area else 0,
-                times,
-                days,
-                area_achieved,
-                area_dismissed,
+                *ctx.offer_history.get(el.element_id, (0, NEVER_DAYS)),
                 kind_achieved,
                 kind_dismissed,
-                math.log1p(week),
-                week / total_recent if week else 0.0,
-                math.log1p(week) - math.log1p(before.get(area, 0)) if area else 0.0,
-                min(ctx.area_question_days.get(area, NEVER_DAYS), NEVER_DAYS)
-                if area
-                else NEVER_DAYS,
+                *of_area,
             )
         )
     rows[:, _ELEMENT_INDEX] = np.array(values, dtype=np.float64)
     return rows
 
 
-# The per-element columns build_matrix fills, in the order it computes them.
+def _area_columns(
+    ctx: Context, area: str | None, total_usage: float, total_recent: float
+) -> tuple[float, ...]:
+    """The area columns of an element of ``area`` (in the order of _ELEMENT_COLUMNS)."""
+    achieved, dismissed = ctx.area_outcomes.get(area or "", (0, 0))
+    if not area:
+        return (0.0, 0.0, 0.0, 0, achieved, dismissed, 0.0, 0.0, 0.0, NEVER_DAYS)
+    used = ctx.feature_usage.get(area, 0)
+    week = ctx.area_usage_7d.get(area, 0)
+    return (
+        math.log1p(used),
+        used / total_usage if total_usage else 0.0,
+        ctx.area_sophistication.get(area, 0.0),
+        ctx.area_questions.get(area, 0),
+        achieved,
+        dismissed,
+        math.log1p(week),
+        week / total_recent if week else 0.0,
+        math.log1p(week) - math.log1p(ctx.area_usage_prev_7d.get(area, 0)),
+        min(ctx.area_question_days.get(area, NEVER_DAYS), NEVER_DAYS),
+    )
+
+
+# The per-element columns build_matrix fills, in the order it computes them: the element's
+# own, then those of its area.
 _ELEMENT_COLUMNS = (
     "value_weight",
     "effort_minutes",
     "stage_match",
     "role_match",
-    "area_usage",
     "rule_score",
+    "times_offered",
+    "days_since_offered",
+    "kind_achieved",
+    "kind_dismissed",
+    "area_usage",
     "area_share",
     "area_sophistication",
     "area_questions",
-    "times_offered",
-    "days_since_offered",
     "area_achieved",
     "area_dismissed",
-    "kind_achieved",
-    "kind_dismissed",
     "area_usage_7d",
     "area_share_7d",
     "area_trend",

@@ -41,7 +41,7 @@ from services.decision.library import Stage, ValueElement
 from services.decision.person import read_person
 from services.decision.playbooks import PlaybookSet
 from services.decision.policy import Exploration, Pick
-from services.decision.rules import Gate, gate, judge
+from services.decision.rules import Gate, Verdict, gate, judge, screen
 from services.ingest.summary import sophistication as area_sophistication
 from services.ingest.view import AccountState, UserState
 from services.ingest.windows import total as usage_total
@@ -49,6 +49,9 @@ from shared.contracts import DecidedItem, DecisionMessage, ElementContent
 from shared.envelope import Channel, Role
 from shared.metrics import DECISION_DURATION, DECISIONS, EXCLUSIONS, MODEL_DECISIONS
 from shared.store.models import DecisionRow
+
+# Channels × the roles a view holds, with room to spare.
+MAX_SCREENS = 64
 
 
 class UnknownUser(LookupError):
@@ -97,6 +100,10 @@ class LibrarySnapshot:
     contents: dict[str, ElementContent] = field(default_factory=dict)
     # How far back the contact policy looks (the longest cool-down).
     horizon: timedelta = field(default_factory=lambda: history_horizon(()))
+    # ``rules.screen`` of ``gates`` per (channel, role), filled as they are met.
+    screens: dict[tuple[Channel | None, str | None], tuple[Verdict | None, ...]] = field(
+        default_factory=dict
+    )
 
     @classmethod
     def of(cls, version: int | None, elements: Sequence[ValueElement]) -> LibrarySnapshot:
@@ -109,6 +116,15 @@ class LibrarySnapshot:
             {e.id: e.content() for e in elements},
             history_horizon(elements),
         )
+
+    def screen(self, channel: Channel | None, role: str | None) -> tuple[Verdict | None, ...]:
+        screened = self.screens.get((channel, role))
+        if screened is None:
+            screened = screen(self.gates, channel, role)
+            # Roles come from the view: a bound keeps unexpected ones from growing it.
+            if len(self.screens) < MAX_SCREENS:
+                self.screens[(channel, role)] = screened
+        return screened
 
 
 def _num(obj: object, name: str) -> float | None:
@@ -272,21 +288,34 @@ class DecisionEngine:
         ctx = offer_history(ctx, [(o.element_id, o.at) for o in history.offers])
         ctx = past_outcomes(ctx, user.achieved, user.dismissed, library.element_facts)
 
-        candidates: list[_Candidate] = []
-        judged = library.gates if only is None else [gate(e) for e in elements]
-        for verdict in judge(judged, user, channel, library.gates):
-            c = _Candidate(verdict.element, verdict.excluded_by, verdict.detail)
-            if c.excluded_by is None and c.element.id in effects.excluded:
+        # In library order, for the log: the eligibility rules' verdicts stand for the elements
+        # they exclude (most of the library, for most people), candidates for the others.
+        candidates: list[_Candidate | Verdict] = []
+        eligible: list[_Candidate] = []
+        if only is None:
+            judged = judge(library.gates, user, channel, None, library.screen(channel, user.role))
+        else:
+            judged = judge([gate(e) for e in elements], user, channel, library.gates)
+        for verdict in judged:
+            if verdict.excluded_by is not None:
+                candidates.append(verdict)
+                continue
+            c = _Candidate(verdict.element)
+            if c.element.id in effects.excluded:
                 c.excluded_by = "rule:" + effects.excluded[c.element.id]
                 c.detail = "excluded by a decision rule"
-            if c.excluded_by is None:
+            else:
                 c.channel, blocked = self.contact.resolve(c.element, channel, history, now)
                 if blocked:
                     c.excluded_by, c.detail = blocked.rule, blocked.detail
+                else:
+                    eligible.append(c)
             candidates.append(c)
-        eligible = [c for c in candidates if c.excluded_by is None]
 
-        matrix = build_matrix(ctx, [library.element_facts[c.element.id] for c in eligible])
+        features = context_vector(ctx)
+        matrix = build_matrix(
+            ctx, [library.element_facts[c.element.id] for c in eligible], features
+        )
         if eligible:
             scores = ranker.score(matrix)
             p_success = ranker.p_success(matrix, scores)
@@ -381,7 +410,7 @@ class DecisionEngine:
             model_version=ranker.version,
             context={
                 "stage": ctx.stage(),
-                "features": context_vector(ctx),
+                "features": features,
                 # Lets the training export rebuild per-element features exactly.
                 "feature_usage": dict(ctx.feature_usage),
                 "area_sophistication": dict(ctx.area_sophistication),
@@ -477,11 +506,11 @@ class DecisionEngine:
         ]
 
 
-def _candidate_log(c: _Candidate) -> dict[str, Any]:
+def _candidate_log(c: _Candidate | Verdict) -> dict[str, Any]:
     # An element excluded before the ranker has no scores: its entry says only which rule and
     # why. Most of a library is excluded for most people, so this halves the JSON written per
     # decision. One the caps turned away after ranking keeps its scores.
-    if c.score is None:
+    if isinstance(c, Verdict) or c.score is None:
         return {"element_id": c.element.id, "excluded_by": c.excluded_by, "detail": c.detail}
     return {
         "element_id": c.element.id,

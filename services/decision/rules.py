@@ -61,14 +61,35 @@ def evaluate(
     )
 
 
+def screen(
+    gates: Sequence[Gate], channel: Channel | None, role: str | None
+) -> tuple[Verdict | None, ...]:
+    """The verdict of the rules that read only the element, the channel and the role (None
+    where the person's own record decides): the same for everyone of a role on a channel, so
+    a library keeps one per pair (``LibrarySnapshot.screen``) and ``judge`` reuses it."""
+    screened: list[Verdict | None] = []
+    for e, _, _, channels, roles, _ in gates:
+        if channel is not None and channel not in channels:
+            screened.append(Verdict(e, "channel", _NOT_BY[channel]))
+        elif roles and role is not None and role not in roles:
+            screened.append(Verdict(e, "role", f"not for role {role}"))
+        else:
+            screened.append(None)
+    return tuple(screened)
+
+
 def judge(
     gates: Sequence[Gate],
     user: UserState,
     channel: Channel | None,
     library: Sequence[Gate] | None = None,
+    screened: Sequence[Verdict | None] | None = None,
 ) -> list[Verdict]:
-    """``evaluate`` over gates built beforehand (``LibrarySnapshot.gates``)."""
+    """``evaluate`` over gates built beforehand (``LibrarySnapshot.gates``); ``screened``:
+    ``screen`` of the same gates for this channel and the person's role."""
     done, tracked, dismissed, role = user.achieved, user.track_events, user.dismissed, user.role
+    if screened is None:
+        screened = screen(gates, channel, role)
     # Achieved: reported completed, or the event that marks it tracked.
     achieved = {
         g.id
@@ -77,15 +98,14 @@ def judge(
     }
     verdicts: list[Verdict] = []
     append = verdicts.append
-    for e, id_, _, channels, roles, prerequisites in gates:
+    # In the rules' order of precedence: achieved, dismissed, channel, role, prerequisites.
+    for (e, id_, _, _, _, prerequisites), fixed in zip(gates, screened, strict=True):
         if id_ in achieved:
             append(Verdict(e, "achieved", "already completed"))
         elif id_ in dismissed:
             append(Verdict(e, "dismissed", f"dismissed at {dismissed[id_]}"))
-        elif channel is not None and channel not in channels:
-            append(Verdict(e, "channel", _NOT_BY[channel]))
-        elif roles and role is not None and role not in roles:
-            append(Verdict(e, "role", f"not for role {role}"))
+        elif fixed is not None:
+            append(fixed)
         elif prerequisites and (missing := [p for p in prerequisites if p not in achieved]):
             append(Verdict(e, "prerequisites", "needs " + ", ".join(missing)))
         else:

@@ -104,3 +104,36 @@ def test_element_schema_rejects_unknown_fields() -> None:
     spec = BY_ID["invite-teammates"].model_dump(mode="json") | {"colour": "red"}
     with pytest.raises(ValueError, match="colour"):
         ValueElement.model_validate(spec)
+
+
+def test_a_library_screens_each_channel_and_role_once_and_keeps_the_rules_precedence() -> None:
+    from services.decision.engine import MAX_SCREENS, LibrarySnapshot
+    from services.decision.rules import judge
+    from services.ingest.view import apply_to_user
+
+    snapshot = LibrarySnapshot.of(1, LIBRARY.elements)
+    csm_only = next(e.id for e in LIBRARY.elements if e.channels == [Channel.CSM])
+    admin_only = next(e.id for e in LIBRARY.elements if e.roles == [Role.ADMIN])
+    user = new_user(event("user.identify", {"role": "end_user"}))
+    for e in (
+        event("user.identify", {"role": "end_user"}),
+        _response(csm_only, "completed"),
+        _response(admin_only, "dismissed"),
+    ):
+        apply_to_user(user, e)
+
+    screened = snapshot.screen(Channel.IN_APP, "end_user")
+    assert snapshot.screen(Channel.IN_APP, "end_user") is screened  # built once
+    verdicts = judge(snapshot.gates, user, Channel.IN_APP, None, screened)
+    by_id = {v.element.id: (v.excluded_by, v.detail) for v in verdicts}
+    # The person's own record comes before what the channel and the role rule out.
+    assert by_id[csm_only] == ("achieved", "already completed")
+    assert by_id[admin_only][0] == "dismissed"
+    assert [(v.element.id, v.excluded_by, v.detail) for v in verdicts] == [
+        (v.element.id, v.excluded_by, v.detail)
+        for v in evaluate(LIBRARY.elements, user, Channel.IN_APP)
+    ]
+    # Roles come from the view: unexpected ones are screened but not kept beyond the bound.
+    for n in range(2 * MAX_SCREENS):
+        assert len(snapshot.screen(Channel.EMAIL, f"role-{n}")) == len(LIBRARY.elements)
+    assert len(snapshot.screens) == MAX_SCREENS

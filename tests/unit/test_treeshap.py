@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from models import treeshap
 from models.ranker import LightGBMRanker, Matrix
 from models.treeshap import ShapTables, compile_tables
 
@@ -185,6 +186,46 @@ def test_unsupported_models_are_left_to_pred_contrib() -> None:
         num_boost_round=3,
     )
     assert compile_tables(multiclass) is None
+
+
+def test_leaves_share_tables_no_larger_than_their_own(nan_model: lgb.Booster) -> None:
+    tables = compile_tables(nan_model)
+    assert tables is not None
+    ks = [len(set(path)) for path in _paths(nan_model)]
+    # Two cells are constants: 0 and the bias.
+    assert tables.tables.size - 2 <= sum((1 << k) * k for k in ks)
+    assert tables.pair_group.size - (N_FEATURES + 1) < sum(ks) / 1.5
+
+
+def test_deep_trees_read_in_tiers_match_pred_contrib(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2000, N_FEATURES))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    near = np.nan_to_num(x)
+    y = np.sin(3 * near[:, 0]) + np.cos(2 * near[:, 1]) + 0.3 * near[:, 2] ** 2
+    booster = lgb.train(
+        {**BASE, "objective": "regression", "num_leaves": 63, "min_data_in_leaf": 3},
+        lgb.Dataset(x, y),
+        num_boost_round=8,
+    )
+    assert max(len(path) for path in _paths(booster)) >= 10
+    # One tier per number of conditions, as many groups of deep trees would get.
+    monkeypatch.setattr(treeshap, "TIER_COST", 0)
+    tables = compile_tables(booster)
+    assert tables is not None
+    assert len(tables.tiers) >= 5
+    _assert_exact(booster, _probes(booster), tables)
+
+
+def test_any_number_of_rows(nan_model: lgb.Booster) -> None:
+    tables = compile_tables(nan_model)
+    assert tables is not None
+    assert tables.contributions(np.empty((0, N_FEATURES))).shape == (0, N_FEATURES + 1)
+    rows = _probes(nan_model, rows=7)
+    one_by_one = np.vstack([tables.contributions(row[None]) for row in rows])
+    np.testing.assert_allclose(tables.contributions(rows), one_by_one, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError):
+        tables.contributions(rows[:, :-1])
 
 
 def test_size_limits_fall_back(nan_model: lgb.Booster) -> None:
