@@ -94,9 +94,12 @@ class Settings(BaseSettings):
     # Account → CSM owner; accounts not listed belong to csm_default_owner.
     csm_owners: dict[str, str] = {}
     csm_default_owner: str = "cs-team"
-    # Chosen items whose reason cites the model's SHAP contributions (about 1 ms per item on a
-    # 200-tree model); the others cite the rule prior's factors.
+    # Chosen items whose reason cites the model's SHAP contributions (about 0.05 ms per item on
+    # the bench's 200-tree model: models/treeshap.py); the others cite the rule prior's factors.
     decision_explain_items: int = Field(default=1, ge=0, le=20)
+    # Connections the decision service keeps out of the pool for its reads (at most this many
+    # decisions read at once; shared.store.lending), taken from db_pool_size's overflow.
+    decision_read_connections: int = Field(default=16, ge=1, le=200)
 
     # Ingest: sources, the customer view's windows and scores, triggers (docs/ingest.md).
     stripe_webhook_secret: SecretStr = SecretStr("")

@@ -12,7 +12,7 @@
 #
 # Env: NBV_KAFKA_VERSION (default below), NBV_KAFKA_PORT (9092), NBV_KAFKA_CONTROLLER_PORT (9093),
 #      NBV_STATE_DIR (<repo>/.nbv), NBV_CACHE_DIR ($HOME/.cache/nbv), NBV_KAFKA_HEAP (512m),
-#      NBV_KAFKA_START_TIMEOUT (120), NBV_KAFKA_STOP_TIMEOUT (60),
+#      NBV_KAFKA_START_TIMEOUT (120), NBV_KAFKA_STOP_TIMEOUT (60), NBV_KAFKA_GC_OPTS (G1, below),
 #      NBV_MAVEN_REPO_LOCAL (Maven local repo; default: Maven's own, ~/.m2/repository),
 #      MAVEN_ARGS (extra mvn args).
 set -euo pipefail
@@ -144,7 +144,11 @@ if [ "$LEGACY_LOGGING" = 1 ]; then
 else
   LOG_OPT="-Dlog4j2.configurationFile=$KAFKA_CONF_DIR/log4j2.properties"
 fi
-JAVA_OPTS=(-Xms"$HEAP" -Xmx"$HEAP" -XX:+UseSerialGC -Djava.awt.headless=true "$LOG_OPT")
+# Kafka's own collector settings (kafka-run-class.sh): G1 with a 20 ms pause goal. SerialGC's
+# young collections stop the broker for 50-100 ms here, and every produce waiting on an ack
+# (a decision's answer waits for one) waits that long: most of the decision bench's p99.
+read -r -a GC_OPTS <<<"${NBV_KAFKA_GC_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent}"
+JAVA_OPTS=(-Xms"$HEAP" -Xmx"$HEAP" "${GC_OPTS[@]}" -Djava.awt.headless=true "$LOG_OPT")
 
 storage_tool() {
   java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 "$LOG_OPT" \

@@ -30,6 +30,7 @@ from services.decision.engine import Decided
 from services.ingest.erasure import BEGIN_FENCED_SQL, ErasureGuard, pseudonym
 from shared.metrics import DECISION_COMMIT_BATCH
 from shared.store import driver as store_driver
+from shared.store.lending import ConnectionLender
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class DecisionCommitter:
         self._queue: deque[_Pending] = deque()
         self._max_writers = writers
         self._writers: set[asyncio.Task[None]] = set()
+        # Each writer's transaction runs on a lent connection (shared.store.lending).
+        self._connections = ConnectionLender(engine, writers)
 
     async def commit(self, decided: Sequence[Decided]) -> set[str]:
         """Log, publish and commit ``decided``; returns the people whose decisions were
@@ -77,6 +80,10 @@ class DecisionCommitter:
             self._writers.add(writer)
             writer.add_done_callback(self._writers.discard)
         return await pending.done
+
+    async def close(self) -> None:
+        """After the last commit: the writers' connections go back to the pool."""
+        await self._connections.close()
 
     async def _drain(self) -> None:
         while self._queue:
@@ -127,7 +134,7 @@ class DecisionCommitter:
         two (its own BEGIN; the ledger lookup in a statement of its own)."""
         users = {d.message.user_id for d in decided}
         pseudonyms = {u: pseudonym(self._key, u) for u in users} if self._key else {}
-        async with self._engine.connect() as connection:
+        async with self._connections.connect() as connection:
             driver = await store_driver.driver_connection(connection)
             try:
                 await driver.execute(BEGIN_FENCED_SQL)

@@ -52,6 +52,7 @@ from shared.logging import log_ref
 from shared.runtime import Runtime
 from shared.scheduler import Job, SchedulerWorker, schedule
 from shared.store.db import upsert
+from shared.store.lending import ConnectionLender
 from shared.store.models import DecisionRow, LibraryVersion, ProcessedEvent, UserView
 from shared.worker import PoisonRecord
 
@@ -123,6 +124,8 @@ class DecisionService:
             self._csm_of,
             explain_items=s.decision_explain_items,
         )
+        # Decisions read on lent connections (shared.store.lending), not borrowed per request.
+        self.reads = ConnectionLender(runtime.engine, s.decision_read_connections)
         self.committer = DecisionCommitter(
             runtime.engine,
             pseudonym_key(s),
@@ -190,6 +193,8 @@ class DecisionService:
             await watcher
         await self.scheduler.stop()
         await self._worker.stop()
+        await self.committer.close()
+        await self.reads.close()
 
     # -------------------------------------------------------------- hot reloads
 
@@ -292,7 +297,7 @@ class DecisionService:
         try:
             # The read needs no transaction (one statement); the log is written by group
             # commit with other requests' decisions (services.decision.group_commit).
-            async with self._rt.engine.connect() as connection:
+            async with self.reads.connect() as connection:
                 decided = await self.engine.decide(
                     connection, user_id, channel=channel, limit=limit
                 )
@@ -319,7 +324,7 @@ class DecisionService:
         """Decide for many people at once (one transaction, one publish)."""
         decided: list[Decided] = []
         errors: list[BatchError] = []
-        async with self._rt.engine.connect() as connection:
+        async with self.reads.connect() as connection:
             for user_id in dict.fromkeys(body.user_ids):
                 try:
                     decided.append(
