@@ -19,13 +19,14 @@ production.
 
 Off-policy: before each promotion the value of the new model — completions of the first card
 per decision, under the exploration it will serve with — is estimated on the held-out end of
-its training log, i.e. from the logs of the policy that was serving. The value it then achieves
-is the same quantity on the decisions it served. Both count a completion only within
-``--reward-window-h`` of the decision and only decisions whose window had closed when they were
-measured (a card left in the inbox can be completed days later, which the newest held-out
-decisions have not had time for). ``ope_rel_error`` is the error of the capped DR estimate (see
-``models/configs/one_card.yaml``) on the decision-weighted means over the retrains. Same world
-seed for every policy (common random numbers).
+its training log, i.e. from the logs of the policy that was serving (with ``refit`` in the train
+config, by the model fitted before that held-out end, which the served one was refitted on too).
+The value it then achieves is the same quantity on the decisions it served. Both count a
+completion only within ``--reward-window-h`` of the decision and only decisions whose window had
+closed when they were measured (a card left in the inbox can be completed days later, which the
+newest held-out decisions have not had time for). ``ope_rel_error`` is the error of the capped
+DR estimate (see ``models/configs/one_card.yaml``) on the decision-weighted means over the
+retrains. Same world seed for every policy (common random numbers).
 
 Usage: python bench/lift.py [--quick] [--accounts N] [--weeks W] [--seed S]
 Last line: {"lift_vs_rules": …, "lift_vs_random": …, "ope_rel_error": …}
@@ -56,7 +57,7 @@ from models.export import load_log
 from models.features import INDEX
 from models.fit import TrainConfig, save_trained, train_from_log
 from models.logdata import LogData
-from models.ranker import load_model
+from models.ranker import LightGBMRanker, load_model
 from models.registry_store import register_and_promote
 from models.simulator.clock import SharedClock
 from models.simulator.driver import Simulation, WeekSummary, run
@@ -171,6 +172,16 @@ class Retrainer:
         version = f"lgbm-week{week}"
         await asyncio.to_thread(save_trained, trained, self.registry, version)
         ranker = load_model(self.registry, version)
+        if trained.holdout is not None:
+            # Refitted on the held-out period too (``refit``): its twin fitted before the
+            # held-out period stands in for it there, with that twin's own calibration.
+            calibration = trained.holdout_calibration or {}
+            ranker = LightGBMRanker(
+                trained.holdout,
+                version,
+                slope=calibration.get("slope", 1.0),
+                intercept=calibration.get("intercept", 0.0),
+            )
         ev = await asyncio.to_thread(
             evaluate_model,
             ranker,

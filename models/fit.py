@@ -8,8 +8,9 @@ from typing import Any, Literal
 
 import lightgbm as lgb
 import numpy as np
+import numpy.typing as npt
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from models.evaluate import TargetPolicy
@@ -21,6 +22,10 @@ from models.train import fit_calibration
 # The objectives that learn P(label > 0), and the loss early stopping watches for each.
 LOSS = {"binary": "binary_logloss", "cross_entropy": "cross_entropy", "xentropy": "cross_entropy"}
 PROBABILISTIC = frozenset(LOSS)
+# What a probabilistic objective learns (``TrainConfig.target``): the reward (completed), the
+# person's engagement (completed or clicked), or the relevance grade as a probability (completed
+# 1, clicked ½: only for ``cross_entropy``, whose labels may lie between 0 and 1).
+Target = Literal["reward", "engaged", "grade"]
 
 
 class EvaluateConfig(BaseModel):
@@ -51,11 +56,26 @@ class TrainConfig(BaseModel):
     early_stopping_rounds: int = Field(default=30, ge=1)
     eval_at: list[int] = Field(default_factory=lambda: [1, 3])
     params: dict[str, Any] = Field(default_factory=dict)
+    # The label of a probabilistic objective (see ``Target``); lambdarank always learns the grade.
+    target: Target = "reward"
+    # Once early stopping has chosen the number of trees on the held-out period, fit that many
+    # again on the whole log, held-out period included: the newest days are the most like the
+    # week the model will serve, and the held-out quarter is a quarter of what there is to learn
+    # from. The model fitted without them is kept (``Trained.holdout``) for an honest estimate on
+    # the held-out period.
+    refit: bool = False
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+
+    @model_validator(mode="after")
+    def _target_fits_objective(self) -> TrainConfig:
+        objective = str(self.params.get("objective", "lambdarank"))
+        if self.target == "grade" and LOSS.get(objective) != "cross_entropy":
+            raise ValueError("target: grade needs objective cross_entropy (labels 0, ½ and 1)")
+        return self
 
     def lgb_params(self) -> dict[str, Any]:
         # The seed and determinism flags are not optional: the same data and config must give
@@ -82,6 +102,10 @@ class Trained:
     booster: lgb.Booster
     split_us: int
     meta: dict[str, object]
+    # With ``refit``: the model fitted before ``split_us`` only, and its calibration, to estimate
+    # the refitted one's value on the held-out period it has not seen (None: ``booster`` is it).
+    holdout: lgb.Booster | None = None
+    holdout_calibration: dict[str, float] | None = None
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -105,14 +129,15 @@ def train_from_log(data: LogData, config: TrainConfig, *, progress: bool = True)
     if not train_groups or not valid_groups:
         raise ValueError("not enough shown rows on both sides of the time split to train")
     names = list(FEATURES)
-    # A probabilistic objective learns P(label > 0): that must be P(completed), the reward, not
-    # the relevance grade (LightGBM's binary objective takes a click, grade 1, as a success).
-    pointwise = config.lgb_params()["objective"] in PROBABILISTIC
-    y_train = (train.reward > 0).astype(np.float64) if pointwise else train.label
-    y_valid = (valid.reward > 0).astype(np.float64) if pointwise else valid.label
-    dtrain = lgb.Dataset(train.features, y_train, group=train_groups, feature_name=names)
+    dtrain = lgb.Dataset(
+        train.features, labels(train, config), group=train_groups, feature_name=names
+    )
     dvalid = lgb.Dataset(
-        valid.features, y_valid, group=valid_groups, feature_name=names, reference=dtrain
+        valid.features,
+        labels(valid, config),
+        group=valid_groups,
+        feature_name=names,
+        reference=dtrain,
     )
     booster = lgb.train(
         config.lgb_params(),
@@ -125,9 +150,24 @@ def train_from_log(data: LogData, config: TrainConfig, *, progress: bool = True)
             _progress(config.num_boost_round, progress),
         ],
     )
+    best = int(booster.best_iteration or booster.current_iteration())
     # Arbitration multiplies P(success) by value and lever: map scores onto completions.
-    scores = np.asarray(booster.predict(train.features), dtype=np.float64)
-    calibration = fit_calibration(scores, (train.reward > 0).astype(np.float64))
+    calibration = _calibration(booster, train)
+    holdout, holdout_calibration = None, None
+    if config.refit:
+        everything, groups = data.ranking_queries(config.group_by)
+        holdout, holdout_calibration = booster, calibration
+        booster = lgb.train(
+            config.lgb_params(),
+            lgb.Dataset(
+                everything.features,
+                labels(everything, config),
+                group=groups,
+                feature_name=names,
+            ),
+            num_boost_round=best,
+        )
+        calibration = _calibration(booster, everything)
     meta: dict[str, object] = {
         "trained_at": utc(int(np.max(data.decided_at))).isoformat(),
         "rows": len(train),
@@ -137,12 +177,32 @@ def train_from_log(data: LogData, config: TrainConfig, *, progress: bool = True)
         "data_from": utc(int(np.min(data.decided_at))).isoformat(),
         "data_until": utc(int(np.max(data.decided_at))).isoformat(),
         "split_at": utc(split).isoformat(),
-        "best_iteration": int(booster.best_iteration or booster.current_iteration()),
+        "best_iteration": best,
         "config": config.model_dump(mode="json"),
         "calibration": calibration,
         "objective": config.lgb_params()["objective"],
+        # Refitted on the held-out period too: evaluating this model there is not held out.
+        "refit": config.refit,
     }
-    return Trained(booster, split, meta)
+    return Trained(booster, split, meta, holdout, holdout_calibration)
+
+
+def labels(rows: LogData, config: TrainConfig) -> npt.NDArray[np.float64]:
+    """What the objective learns from each shown row. Lambdarank: the relevance grade. A
+    probabilistic objective learns P(label): by default the reward (completed), never the
+    grade as is (LightGBM's binary objective would take a click, grade 1, for a success)."""
+    if config.lgb_params()["objective"] not in PROBABILISTIC:
+        return rows.label
+    if config.target == "engaged":
+        return (rows.label > 0).astype(np.float64)
+    if config.target == "grade":
+        return np.clip(rows.label / 2.0, 0.0, 1.0)
+    return (rows.reward > 0).astype(np.float64)
+
+
+def _calibration(booster: lgb.Booster, rows: LogData) -> dict[str, float]:
+    scores = np.asarray(booster.predict(rows.features), dtype=np.float64)
+    return fit_calibration(scores, (rows.reward > 0).astype(np.float64))
 
 
 def save_trained(trained: Trained, registry: Path, version: str) -> Path:
