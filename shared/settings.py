@@ -97,8 +97,8 @@ class Settings(BaseSettings):
     # Chosen items whose reason cites the model's SHAP contributions (about 0.05 ms per item on
     # the bench's 200-tree model: models/treeshap.py); the others cite the rule prior's factors.
     decision_explain_items: int = Field(default=1, ge=0, le=20)
-    # Connections the decision service keeps out of the pool for its reads (at most this many
-    # decisions read at once; shared.store.lending), taken from db_pool_size's overflow.
+    # Connections a decision service on PostgreSQL keeps out of the pool for its reads (at most
+    # this many decisions read at once; shared.store.lending); capped at db_pool_size.
     decision_read_connections: int = Field(default=16, ge=1, le=200)
 
     # Ingest: sources, the customer view's windows and scores, triggers (docs/ingest.md).

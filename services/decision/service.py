@@ -8,13 +8,14 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from models.ranker import RulePrior
 from models.routing import ServingModels
@@ -124,8 +125,14 @@ class DecisionService:
             self._csm_of,
             explain_items=s.decision_explain_items,
         )
-        # Decisions read on lent connections (shared.store.lending), not borrowed per request.
-        self.reads = ConnectionLender(runtime.engine, s.decision_read_connections)
+        # Decisions read on lent connections (shared.store.lending), not borrowed per request,
+        # at most half of what the pool may open. SQLite's small pool (15) is left to
+        # SQLAlchemy: the embedded process's other services share it.
+        self.reads = (
+            ConnectionLender(runtime.engine, min(s.decision_read_connections, s.db_pool_size))
+            if runtime.dialect == "postgresql"
+            else None
+        )
         self.committer = DecisionCommitter(
             runtime.engine,
             pseudonym_key(s),
@@ -194,7 +201,11 @@ class DecisionService:
         await self.scheduler.stop()
         await self._worker.stop()
         await self.committer.close()
-        await self.reads.close()
+        if self.reads is not None:
+            await self.reads.close()
+
+    def _reading(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self.reads.connect() if self.reads is not None else self._rt.engine.connect()
 
     # -------------------------------------------------------------- hot reloads
 
@@ -297,7 +308,7 @@ class DecisionService:
         try:
             # The read needs no transaction (one statement); the log is written by group
             # commit with other requests' decisions (services.decision.group_commit).
-            async with self.reads.connect() as connection:
+            async with self._reading() as connection:
                 decided = await self.engine.decide(
                     connection, user_id, channel=channel, limit=limit
                 )
@@ -324,7 +335,7 @@ class DecisionService:
         """Decide for many people at once (one transaction, one publish)."""
         decided: list[Decided] = []
         errors: list[BatchError] = []
-        async with self.reads.connect() as connection:
+        async with self._reading() as connection:
             for user_id in dict.fromkeys(body.user_ids):
                 try:
                     decided.append(
