@@ -8,7 +8,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -204,7 +203,7 @@ class DecisionService:
         if self.reads is not None:
             await self.reads.close()
 
-    def _reading(self) -> AbstractAsyncContextManager[AsyncConnection]:
+    def _reading(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
         return self.reads.connect() if self.reads is not None else self._rt.engine.connect()
 
     # -------------------------------------------------------------- hot reloads

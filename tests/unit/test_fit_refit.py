@@ -7,52 +7,37 @@ import math
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
-import pyarrow as pa  # type: ignore[import-untyped]
 import pytest
 from pydantic import ValidationError
 
 from models.features import FEATURES
 from models.fit import TrainConfig, labels, train_from_log
 from models.logdata import LogData
+from tests.factories import log_table
 
 T0 = datetime(2026, 6, 1, 9, tzinfo=UTC)
-COLUMNS = (
-    "decision_id",
-    "user_id",
-    "element_id",
-    "model_version",
-    "label",
-    "reward",
-    "propensity",
-    "shown",
-    "lever",
-    "rank",
-    "completed_after_h",
-)
 
 
 def _log(features: np.ndarray, grade: np.ndarray) -> LogData:
     """One shown card per decision, a minute apart; ``grade``: 2 completed, 1 clicked, 0 not."""
-    n = len(grade)
-    cols: dict[str, object] = {
-        "decision_id": [f"d{i}" for i in range(n)],
-        "user_id": [f"u{i % 40}" for i in range(n)],
-        "element_id": ["e"] * n,
-        "model_version": ["m"] * n,
-        "label": [int(g) for g in grade],
-        "reward": [1.0 if g == 2 else 0.0 for g in grade],
-        "propensity": [1.0] * n,
-        "shown": [True] * n,
-        "lever": [1.0] * n,
-        "rank": [1] * n,
-        "completed_after_h": [0.1 if g == 2 else math.nan for g in grade],
-        "decided_at": pa.array(
-            [T0 + timedelta(minutes=i) for i in range(n)], type=pa.timestamp("us", tz="UTC")
-        ),
-    }
-    for j, name in enumerate(FEATURES):
-        cols[name] = features[:, j]
-    return LogData.from_table(pa.table(cols))
+    rows = [
+        {
+            "decision_id": f"d{i}",
+            "user_id": f"u{i % 40}",
+            "element_id": "e",
+            "model_version": "m",
+            "label": int(g),
+            "reward": 1.0 if g == 2 else 0.0,
+            "propensity": 1.0,
+            "shown": True,
+            "lever": 1.0,
+            "rank": 1,
+            "completed_after_h": 0.1 if g == 2 else math.nan,
+            "decided_at": T0 + timedelta(minutes=i),
+        }
+        for i, g in enumerate(grade)
+    ]
+    return LogData.from_table(log_table(rows, features))
 
 
 def _config(**extra: object) -> TrainConfig:

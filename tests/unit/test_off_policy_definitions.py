@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
-import pyarrow as pa  # type: ignore[import-untyped]
 import pytest
 
 from models.evaluate import (
@@ -25,6 +23,7 @@ from models.evaluate import (
 from models.features import FEATURES
 from models.logdata import LogData
 from services.decision.policy import Softmax
+from tests.factories import log_table
 
 T0 = datetime(2026, 6, 1, 9, tzinfo=UTC)
 
@@ -40,33 +39,6 @@ def test_softmax_target_is_the_served_first_slot_probability() -> None:
     assert TargetPolicy("softmax", temperature=0.03).probabilities(np.asarray(scores)) == (
         pytest.approx(pi)
     )
-
-
-def _table(rows: Sequence[Mapping[str, object]], features: np.ndarray) -> pa.Table:
-    cols: dict[str, object] = {
-        name: [r[name] for r in rows]
-        for name in (
-            "decision_id",
-            "user_id",
-            "element_id",
-            "model_version",
-            "label",
-            "reward",
-            "propensity",
-            "shown",
-            "lever",
-            "rank",
-            "completed_after_h",
-        )
-    }
-    if all("shown_after_h" in r for r in rows):
-        cols["shown_after_h"] = [r["shown_after_h"] for r in rows]
-    cols["decided_at"] = pa.array(
-        [r["decided_at"] for r in rows], type=pa.timestamp("us", tz="UTC")
-    )
-    for j, name in enumerate(FEATURES):
-        cols[name] = features[:, j]
-    return pa.table(cols)
 
 
 def _synthetic_log(
@@ -106,7 +78,7 @@ def _synthetic_log(
                     "decided_at": T0 + timedelta(minutes=d),
                 }
             )
-    return LogData.from_table(_table(rows, np.vstack(blocks))), truth / decisions
+    return LogData.from_table(log_table(rows, np.vstack(blocks))), truth / decisions
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -142,7 +114,7 @@ def test_a_required_card_weighs_one_whatever_the_scores() -> None:
         }
         for i in range(3)
     ]
-    data = LogData.from_table(_table(rows, features))
+    data = LogData.from_table(log_table(rows, features))
     bandit = logged_bandit(
         data, lambda f, lever: f[:, 0], lambda f: f[:, 0], TargetPolicy("softmax", 0, 0.01)
     )
@@ -180,7 +152,7 @@ def test_rewards_count_within_the_window_and_open_windows_are_left_out() -> None
         _first_card(i, T0 + timedelta(days=i), after)
         for i, after in enumerate([0.2, 30.0, None, 0.1])
     ]
-    data = LogData.from_table(_table(rows, features))
+    data = LogData.from_table(log_table(rows, features))
     # Observed on day 3 at 15:00: day 3's window (12 h) is still open.
     seen = data.within(12.0, int((T0 + timedelta(days=3, hours=6)).timestamp() * 1e6))
     assert list(seen.decision_id) == ["d0", "d1", "d2"]
@@ -200,7 +172,7 @@ def test_a_card_first_shown_after_its_window_is_out_of_both_sides() -> None:
         _first_card(i, T0 + timedelta(hours=i), 0.5 if i == 0 else None, shown_after_h=shown_after)
         for i, shown_after in enumerate([0.0, 40.0, 3.0])
     ]
-    data = LogData.from_table(_table(rows, features))
+    data = LogData.from_table(log_table(rows, features))
     # At the retrain (a day later) d1 was not shown yet; at the end it was: the same rows count.
     at_retrain = data.within(12.0, int((T0 + timedelta(days=1)).timestamp() * 1e6))
     at_end = data.within(12.0, int((T0 + timedelta(days=9)).timestamp() * 1e6))
@@ -210,7 +182,7 @@ def test_a_card_first_shown_after_its_window_is_out_of_both_sides() -> None:
         assert value == pytest.approx(0.5) and decisions == 2
     # An export from before shown_after_h was recorded: shown cards count as shown when decided.
     old = [{k: v for k, v in r.items() if k != "shown_after_h"} for r in rows]
-    assert LogData.from_table(_table(old, features)).within(12.0, 2**62).shown.all()
+    assert LogData.from_table(log_table(old, features)).within(12.0, 2**62).shown.all()
 
 
 def test_export_records_when_the_card_was_completed() -> None:
@@ -300,7 +272,7 @@ def test_a_probabilistic_objective_learns_completions_not_clicks() -> None:
         }
         for i in range(n)
     ]
-    data = LogData.from_table(_table(rows, features))
+    data = LogData.from_table(log_table(rows, features))
     config = TrainConfig.model_validate(
         {"params": {"objective": "binary", "min_data_in_leaf": 20}, "num_boost_round": 30}
     )
