@@ -45,6 +45,11 @@ DECISION_COMMIT_BATCH = Histogram(
     "Decisions logged, published and committed per transaction (group commit)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+DECISION_READ_BATCH = Histogram(
+    "nbv_decision_read_batch_size",
+    "Requests decided together: one read, one scoring call per model",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 EXCLUSIONS = Counter("nbv_exclusions_total", "Candidates excluded by a rule", ["rule"])
 DELIVERIES = Counter(
     "nbv_deliveries_total", "Deliveries by channel and outcome", ["channel", "outcome"]

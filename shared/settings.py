@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     # Connections a decision service on PostgreSQL keeps out of the pool for its reads (at most
     # this many decisions read at once; shared.store.lending); capped at db_pool_size.
     decision_read_connections: int = Field(default=16, ge=1, le=200)
+    # Concurrent requests are decided in batches (services/decision/batching.py): at most this
+    # many batches read and decide at once, of at most decision_batch_max requests each.
+    decision_readers: int = Field(default=2, ge=1, le=64)
+    decision_batch_max: int = Field(default=32, ge=1, le=256)
 
     # Ingest: sources, the customer view's windows and scores, triggers (docs/ingest.md).
     stripe_webhook_secret: SecretStr = SecretStr("")

@@ -276,27 +276,29 @@ def history_horizon(elements: Iterable[ValueElement]) -> timedelta:
     return timedelta(days=min(365, max(7, longest)))
 
 
-def history_entries(dialect: str) -> Any:
-    """The person's contact history as one JSON column, for the statement that reads the
-    person (services/decision/person.py), so the policy costs no round trip of its own:
+def history_entries(dialect: str, user: Any) -> Any:
+    """The person's contact history as one JSON column, for the statement that reads people
+    (services/decision/person.py), so the policy costs no round trip of its own:
     ``[[kind, element_id, channel, at], …]`` with kind "c" for a recent offer and "o" for an
-    open card or delivery (channel and time null). Binds ``user_id`` and ``since``."""
+    open card or delivery (channel and time null). ``user`` is the outer statement's user id
+    column (the subquery is correlated to it); binds ``since``."""
     no_channel = cast(null(), String)
     no_time = cast(null(), Contact.at.type)
-    user: Any = bindparam("user_id")
     entries = union_all(
         select(
             literal_column("'c'").label("kind"),
             Contact.element_id.label("element_id"),
             Contact.channel.label("channel"),
             Contact.at.label("at"),
-        ).where(Contact.user_id == user, Contact.at > bindparam("since", type_=Contact.at.type)),
-        select(literal_column("'o'"), InboxItem.element_id, no_channel, no_time).where(
-            InboxItem.user_id == user, InboxItem.status.in_(_constants(HELD_CARD_STATUSES))
-        ),
-        select(literal_column("'o'"), Delivery.element_id, no_channel, no_time).where(
-            Delivery.user_id == user, Delivery.status.in_(_constants(OPEN_DELIVERY_STATUSES))
-        ),
+        )
+        .where(Contact.user_id == user, Contact.at > bindparam("since", type_=Contact.at.type))
+        .correlate(user.table),
+        select(literal_column("'o'"), InboxItem.element_id, no_channel, no_time)
+        .where(InboxItem.user_id == user, InboxItem.status.in_(_constants(HELD_CARD_STATUSES)))
+        .correlate(user.table),
+        select(literal_column("'o'"), Delivery.element_id, no_channel, no_time)
+        .where(Delivery.user_id == user, Delivery.status.in_(_constants(OPEN_DELIVERY_STATUSES)))
+        .correlate(user.table),
     ).subquery("history")
     row = (entries.c.kind, entries.c.element_id, entries.c.channel, entries.c.at)
     if dialect == "postgresql":

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from models.features import (
@@ -21,7 +22,7 @@ from models.features import (
     offer_history,
     past_outcomes,
 )
-from models.ranker import Ranker
+from models.ranker import Matrix, Ranker
 from models.routing import ServingModels
 from services.decision.arbitration import (
     RuleEffects,
@@ -30,6 +31,7 @@ from services.decision.arbitration import (
     final_scores,
 )
 from services.decision.contact_policy import (
+    ContactHistory,
     ContactPolicy,
     Exclusion,
     contact_history,
@@ -38,7 +40,7 @@ from services.decision.contact_policy import (
 )
 from services.decision.explain import model_reasons, prior_reasons, reason
 from services.decision.library import Stage, ValueElement
-from services.decision.person import read_person
+from services.decision.person import Person, read_persons
 from services.decision.playbooks import PlaybookSet
 from services.decision.policy import Exploration, Pick
 from services.decision.rules import Gate, Verdict, gate, judge, screen
@@ -55,7 +57,9 @@ MAX_SCREENS = 64
 
 
 class UnknownUser(LookupError):
-    pass
+    @property
+    def user_id(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,20 @@ def context_of(user: UserState, account: AccountState | None, now: datetime) -> 
 CsmOf = Callable[[str, AccountState | None], str | None]
 
 
+@dataclass(frozen=True, slots=True)
+class DecisionRequest:
+    """One decision to make. ``only`` restricts the candidates (a playbook step offers its one
+    element, still subject to every rule and the contact policy); ``decision_id`` makes a
+    retried decision the same one."""
+
+    user_id: str
+    channel: Channel | None
+    limit: int
+    trigger: str | None = None
+    only: Sequence[str] | None = None
+    decision_id: str | None = None
+
+
 @dataclass(slots=True)
 class _Candidate:
     element: ValueElement
@@ -202,6 +220,76 @@ class _Candidate:
     p_success: float | None = None
     lever: float = 1.0
     final: float | None = None
+
+
+@dataclass(slots=True)
+class _Draft:
+    """A decision between its read and its answer (``DecisionEngine.decide_many``)."""
+
+    request: DecisionRequest
+    person: Person
+    ranker: Ranker
+    library: LibrarySnapshot
+    now: datetime
+    ctx: Context
+    effects: RuleEffects
+    csm_id: str | None
+    history: ContactHistory
+    candidates: list[_Candidate | Verdict]
+    eligible: list[_Candidate]
+    features: dict[str, float]
+    # One row per eligible candidate.
+    matrix: Matrix
+    # (index in eligible, pick, channel) per item, in rank order.
+    chosen: list[tuple[int, Pick, Channel]] = field(default_factory=list)
+    # SHAP rows of the first ``explain_items`` chosen (None: the prior's reasons).
+    contributions: Matrix | None = None
+
+
+def _by_ranker(drafts: Sequence[_Draft]) -> dict[int, list[_Draft]]:
+    # A challenger serves some people: each model scores its own people's rows.
+    groups: dict[int, list[_Draft]] = {}
+    for draft in drafts:
+        groups.setdefault(id(draft.ranker), []).append(draft)
+    return groups
+
+
+def _score(drafts: Sequence[_Draft]) -> None:
+    """Scores and P(success) of every eligible candidate: one call per model for all the
+    drafts' rows (a LightGBM call costs about as much for one row as for a few dozen)."""
+    for group in _by_ranker([d for d in drafts if d.eligible]).values():
+        ranker = group[0].ranker
+        matrix = np.concatenate([d.matrix for d in group]) if len(group) > 1 else group[0].matrix
+        scores = ranker.score(matrix)
+        p_success = ranker.p_success(matrix, scores)
+        row = 0
+        for draft in group:
+            lever_of = draft.effects.lever_of
+            for c in draft.eligible:
+                c.score, c.p_success = float(scores[row]), float(p_success[row])
+                c.lever = lever_of(c.element.id)
+                row += 1
+
+
+def _explain(drafts: Sequence[_Draft], explain_items: int) -> None:
+    """SHAP values (models.treeshap's tables) of the top ``explain_items`` of each draft, one
+    call per model. In this thread: handing them to a worker thread cost more CPU per
+    decision (the hand-off, and the two threads trading the GIL) than the event loop would
+    have gained (docs/decision.md, "Benchmark")."""
+    if explain_items < 1:
+        return
+    wanted = [d for d in drafts if d.chosen and d.ranker.kind != "rules"]
+    for group in _by_ranker(wanted).values():
+        rows = [d.matrix[[i for i, _, _ in d.chosen[:explain_items]]] for d in group]
+        explained = group[0].ranker.contributions(
+            np.concatenate(rows) if len(rows) > 1 else rows[0]
+        )
+        if explained is None:
+            continue
+        start = 0
+        for draft, taken in zip(group, rows, strict=True):
+            draft.contributions = explained[start : start + len(taken)]
+            start += len(taken)
 
 
 class DecisionEngine:
@@ -244,28 +332,70 @@ class DecisionEngine:
         only: Sequence[str] | None = None,
         decision_id: str | None = None,
     ) -> Decided:
-        """Decide for one person from what ``connection`` reads; the caller logs the result
-        (``decision_log.write_decisions``), which also drops it if the person was erased
-        meanwhile.
+        """Decide for one person (``decide_many`` for one request); raises UnknownUser."""
+        (result,) = await self.decide_many(
+            connection, [DecisionRequest(user_id, channel, limit, trigger, only, decision_id)]
+        )
+        if isinstance(result, UnknownUser):
+            raise result
+        return result
 
-        ``only`` restricts the candidates (a playbook step offers its one element, still
-        subject to every rule and the contact policy)."""
+    async def decide_many(
+        self, connection: AsyncConnection, requests: Sequence[DecisionRequest]
+    ) -> list[Decided | UnknownUser]:
+        """Decide for each request from what ``connection`` reads (one round trip for all the
+        people), in order; UnknownUser for a person the view does not know. The caller logs
+        the results (``decision_log.write_decisions``), which also drops those of people
+        erased meanwhile.
+
+        Together, the requests share what costs the same for one row as for many: the read,
+        the ranker's scoring and its explanations (one call each per model). A person asked
+        for twice here decides twice from the same read, as two concurrent requests would."""
         started = time.perf_counter()
         now = datetime.now(UTC)
         library, playbooks = self.library, self.playbooks
-        # One round trip for the person, their account, preferences and contact history.
-        person = await read_person(connection, user_id, now - library.horizon)
-        if person is None:
-            raise UnknownUser(user_id)
+        people = await read_persons(
+            connection, list(dict.fromkeys(r.user_id for r in requests)), now - library.horizon
+        )
+        drafts: list[_Draft | UnknownUser] = []
+        for request in requests:
+            person = people.get(request.user_id)
+            drafts.append(
+                UnknownUser(request.user_id)
+                if person is None
+                else await self._draft(connection, request, person, library, playbooks, now)
+            )
+        ready = [d for d in drafts if isinstance(d, _Draft)]
+        _score(ready)
+        for draft in ready:
+            self._choose(draft)
+        _explain(ready, self.explain_items)
+        results = [d if isinstance(d, UnknownUser) else self._decided(d) for d in drafts]
+        elapsed = time.perf_counter() - started
+        for _ in ready:
+            DECISION_DURATION.observe(elapsed)
+        return results
+
+    async def _draft(
+        self,
+        connection: AsyncConnection,
+        request: DecisionRequest,
+        person: Person,
+        library: LibrarySnapshot,
+        playbooks: PlaybookSet,
+        now: datetime,
+    ) -> _Draft:
+        """Everything up to the ranker: the context, the rules, the contact policy, the
+        eligible elements and their feature rows."""
+        channel, only = request.channel, request.only
         user, account = person.user, person.account
-        ranker = self.models.for_user(user.user_id)
         ctx = context_of(user, account, now)
         elements = (
             list(library.elements)
             if only is None
             else [library.by_id[i] for i in only if i in library.by_id]
         )
-        effects = apply_rules(playbooks.rules, decision_facts(ctx, account, trigger))
+        effects = apply_rules(playbooks.rules, decision_facts(ctx, account, request.trigger))
         csm_id = self._csm_of(user.account_id, account)
         wants_csm = channel is Channel.CSM or (
             channel is None and any(Channel.CSM in e.channels for e in elements)
@@ -316,12 +446,26 @@ class DecisionEngine:
         matrix = build_matrix(
             ctx, [library.element_facts[c.element.id] for c in eligible], features
         )
+        return _Draft(
+            request=request,
+            person=person,
+            ranker=self.models.for_user(user.user_id),
+            library=library,
+            now=now,
+            ctx=ctx,
+            effects=effects,
+            csm_id=csm_id,
+            history=history,
+            candidates=candidates,
+            eligible=eligible,
+            features=features,
+            matrix=matrix,
+        )
+
+    def _choose(self, draft: _Draft) -> None:
+        """The arbitration's final scores, the picks, and the caps re-checked per item."""
+        eligible, effects = draft.eligible, draft.effects
         if eligible:
-            scores = ranker.score(matrix)
-            p_success = ranker.p_success(matrix, scores)
-            for i, c in enumerate(eligible):
-                c.score, c.p_success = float(scores[i]), float(p_success[i])
-                c.lever = effects.lever_of(c.element.id)
             for c, f in zip(
                 eligible,
                 final_scores(
@@ -332,11 +476,9 @@ class DecisionEngine:
                 strict=True,
             ):
                 c.final = f
-
-        picks = self._pick(eligible, effects.required, limit)
+        channel, history, now = draft.request.channel, draft.history, draft.now
         used: Counter[str] = Counter()
-        chosen: list[tuple[int, Pick, Channel]] = []
-        for pick in picks:
+        for pick in self._pick(eligible, effects.required, draft.request.limit):
             c = eligible[pick.index]
             # Caps count the items of this decision too: re-check with what it already uses.
             item_channel, blocked = self.contact.resolve(c.element, channel, history, now, used)
@@ -345,22 +487,18 @@ class DecisionEngine:
                 c.excluded_by, c.detail = b.rule, b.detail + " (within this decision)"
                 continue
             used[item_channel.value] += 1
-            chosen.append((pick.index, pick, item_channel))
+            draft.chosen.append((pick.index, pick, item_channel))
 
-        # SHAP values (models.treeshap's tables: about 0.1 ms per row on a 200-tree model of
-        # 15 leaves) only for the top ``explain_items``. In this thread: handing them to a
-        # worker thread cost more CPU per decision (the hand-off, and the two threads trading
-        # the GIL) than the event loop would have gained (docs/decision.md, "Benchmark").
-        explained = [i for i, _, _ in chosen[: self.explain_items]]
-        contributions = (
-            ranker.contributions(matrix[explained])
-            if explained and ranker.kind != "rules"
-            else None
-        )
-        decision_id = decision_id or str(uuid.uuid4())
+    def _decided(self, draft: _Draft) -> Decided:
+        """The items with their reasons, the message for delivery, and the log."""
+        request, library, ctx, effects = draft.request, draft.library, draft.ctx, draft.effects
+        user, ranker, now = draft.person.user, draft.ranker, draft.now
+        channel, csm_id, candidates = request.channel, draft.csm_id, draft.candidates
+        contributions = draft.contributions
+        decision_id = request.decision_id or str(uuid.uuid4())
         items: list[DecidedItem] = []
-        for rank, (index, pick, item_channel) in enumerate(chosen, start=1):
-            c = eligible[index]
+        for rank, (index, pick, item_channel) in enumerate(draft.chosen, start=1):
+            c = draft.eligible[index]
             why_ranker = (
                 model_reasons(contributions[rank - 1])
                 if contributions is not None and rank <= len(contributions)
@@ -395,7 +533,7 @@ class DecisionEngine:
             account_id=user.account_id,
             role=Role(user.role) if user.role else None,
             created_at=now,
-            trigger=trigger,
+            trigger=request.trigger,
             model_version=ranker.version,
             items=items,
         )
@@ -405,12 +543,12 @@ class DecisionEngine:
             account_id=user.account_id,
             created_at=now,
             channel=channel.value if channel else None,
-            trigger=trigger,
+            trigger=request.trigger,
             policy=self.policy.name,
             model_version=ranker.version,
             context={
                 "stage": ctx.stage(),
-                "features": features,
+                "features": draft.features,
                 # Lets the training export rebuild per-element features exactly.
                 "feature_usage": dict(ctx.feature_usage),
                 "area_sophistication": dict(ctx.area_sophistication),
@@ -451,11 +589,10 @@ class DecisionEngine:
             for i in items
         ]
         deferred_until = None
-        quiet = history.quiet
+        quiet = draft.history.quiet
         if not items and candidates and all(c.excluded_by == "quiet_hours" for c in candidates):
             deferred_until = quiet.ends_after(now) if quiet else None
         MODEL_DECISIONS.labels(ranker.version).inc()
-        DECISION_DURATION.observe(time.perf_counter() - started)
         return Decided(message, log, contacts, deferred_until)
 
     @staticmethod

@@ -1,13 +1,15 @@
-"""What a decision reads about a person, in one round trip: their view and their account's, the
-preference centre, and the contact history the policy counts."""
+"""What a decision reads about people, in one round trip for as many as are read together: each
+one's view and their account's, the preference centre, and the contact history the policy
+counts."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, Dialect, Select, Table, bindparam, select
+from sqlalchemy import ARRAY, Column, Dialect, Select, String, Table, any_, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.decision.contact_policy import Offer, history_entries, parse_history
@@ -51,6 +53,13 @@ class _Statement:
         self.account_columns = [c.name for c in _fields(accounts, AccountState)]
         # Null when the outer join found no account.
         self.account_key = self.account_columns.index("account_id")
+        # PostgreSQL: one array parameter, so the statement is the same (and prepared once)
+        # whatever the number of people; elsewhere an IN list expanded per call.
+        wanted = (
+            users.c.user_id == any_(bindparam("user_ids", type_=ARRAY(String)))
+            if dialect.name == "postgresql"
+            else users.c.user_id.in_(bindparam("user_ids", expanding=True))
+        )
         self.statement: Select[Any] = (
             select(
                 *_fields(users, UserState),
@@ -58,12 +67,12 @@ class _Statement:
                 preferences.c.user_id,
                 preferences.c.channels,
                 preferences.c.quiet_hours,
-                history_entries(dialect.name),
+                history_entries(dialect.name, users.c.user_id),
             )
             .select_from(users)
             .outerjoin(accounts, accounts.c.account_id == users.c.account_id)
             .outerjoin(preferences, preferences.c.user_id == users.c.user_id)
-            .where(users.c.user_id == bindparam("user_id"))
+            .where(wanted)
         )
         self.driver = (
             DriverStatement(self.statement, dialect) if dialect.name == "postgresql" else None
@@ -73,22 +82,29 @@ class _Statement:
 _STATEMENTS: dict[str, _Statement] = {}
 
 
-async def read_person(connection: AsyncConnection, user_id: str, since: datetime) -> Person | None:
-    """The person with their offers since ``since`` and their open cards or deliveries; None
-    when the view does not know them. ``connection``: the session's, in its transaction."""
+async def read_persons(
+    connection: AsyncConnection, user_ids: Sequence[str], since: datetime
+) -> dict[str, Person]:
+    """The people the view knows among ``user_ids``, by id, with their offers since ``since``
+    and their open cards or deliveries. ``connection``: the session's, in its transaction, or
+    one with none (the statement is one snapshot)."""
+    if not user_ids:
+        return {}
     dialect = connection.dialect
     shape = _STATEMENTS.get(dialect.name)
     if shape is None:
         shape = _STATEMENTS[dialect.name] = _Statement(dialect)
-    params = {"user_id": user_id, "since": since}
+    params = {"user_ids": list(user_ids), "since": since}
     if shape.driver is not None:
-        row = await driver.fetchrow(connection, shape.driver, params)
+        rows: Sequence[Any] = await driver.fetch(connection, shape.driver, params)
     else:
-        row = (await connection.execute(shape.statement, params)).first()
-    if row is None:
-        return None
+        rows = (await connection.execute(shape.statement, params)).all()
+    people = (_person(shape, tuple(row)) for row in rows)
+    return {p.user.user_id: p for p in people}
+
+
+def _person(shape: _Statement, values: tuple[Any, ...]) -> Person:
     n_user, n_account = len(shape.user_columns), len(shape.account_columns)
-    values = tuple(row)
     user = UserState.model_validate(dict(zip(shape.user_columns, values[:n_user], strict=True)))
     account_values = values[n_user : n_user + n_account]
     account = (

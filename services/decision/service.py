@@ -19,9 +19,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from models.ranker import RulePrior
 from models.routing import ServingModels
 from services.decision.admin import Launch, Launched, PlaybookList, admin_router
+from services.decision.batching import DecisionBatcher
 from services.decision.contact_policy import ContactLimits, ContactPolicy
 from services.decision.decision_log import write_decisions
-from services.decision.engine import Decided, DecisionEngine, LibrarySnapshot, UnknownUser
+from services.decision.engine import (
+    Decided,
+    DecisionEngine,
+    DecisionRequest,
+    LibrarySnapshot,
+    UnknownUser,
+)
 from services.decision.group_commit import DecisionCommitter
 from services.decision.library import (
     DEFAULT_LIBRARY,
@@ -131,6 +138,12 @@ class DecisionService:
             ConnectionLender(runtime.engine, min(s.decision_read_connections, s.db_pool_size))
             if runtime.dialect == "postgresql"
             else None
+        )
+        self.batcher = DecisionBatcher(
+            self.engine.decide_many,
+            self._reading,
+            max_batch=s.decision_batch_max,
+            readers=s.decision_readers,
         )
         self.committer = DecisionCommitter(
             runtime.engine,
@@ -305,12 +318,10 @@ class DecisionService:
         The chosen items are also handed to delivery (for ``in_app``: the person's inbox).
         """
         try:
-            # The read needs no transaction (one statement); the log is written by group
-            # commit with other requests' decisions (services.decision.group_commit).
-            async with self._reading() as connection:
-                decided = await self.engine.decide(
-                    connection, user_id, channel=channel, limit=limit
-                )
+            # Decided with concurrent requests (one read, no transaction: one statement;
+            # services.decision.batching), logged by group commit with other requests'
+            # decisions (services.decision.group_commit).
+            decided = await self.batcher.decide(DecisionRequest(user_id, channel, limit))
             if await self.committer.commit([decided]):
                 raise UnknownUser(user_id)  # erased since the read
         except UnknownUser:
@@ -335,15 +346,18 @@ class DecisionService:
         decided: list[Decided] = []
         errors: list[BatchError] = []
         async with self._reading() as connection:
-            for user_id in dict.fromkeys(body.user_ids):
-                try:
-                    decided.append(
-                        await self.engine.decide(
-                            connection, user_id, channel=body.channel, limit=body.limit
-                        )
-                    )
-                except UnknownUser:
-                    errors.append(BatchError(user_id=user_id, error="unknown user_id"))
+            results = await self.engine.decide_many(
+                connection,
+                [
+                    DecisionRequest(user_id, body.channel, body.limit)
+                    for user_id in dict.fromkeys(body.user_ids)
+                ],
+            )
+        for result in results:
+            if isinstance(result, UnknownUser):
+                errors.append(BatchError(user_id=result.user_id, error="unknown user_id"))
+            else:
+                decided.append(result)
         erased = await self.committer.commit(decided)
         if erased:
             decided = [d for d in decided if d.message.user_id not in erased]
@@ -432,17 +446,11 @@ class DecisionService:
                 )
         if started or playbooks.cancelled_by(name):
             return []
-        decided: list[Decided] = []
-        for user_id in user_ids:
-            try:
-                decided.append(
-                    await self.engine.decide(
-                        await session.connection(), user_id, channel=None, limit=1, trigger=name
-                    )
-                )
-            except UnknownUser:
-                continue
-        return decided
+        results = await self.engine.decide_many(
+            await session.connection(),
+            [DecisionRequest(user_id, None, 1, trigger=name) for user_id in user_ids],
+        )
+        return [r for r in results if not isinstance(r, UnknownUser)]
 
     async def _audience(self, session: AsyncSession, trigger: TriggerEvent) -> list[str]:
         if trigger.user_id:

@@ -58,20 +58,20 @@ async def driver_connection(connection: AsyncConnection) -> Any:
     driver: Any = (await connection.get_raw_connection()).driver_connection
     # SQLAlchemy begins lazily, at the first statement it runs itself; a statement run here
     # before that would commit on its own, outside the caller's transaction. Only a connection
-    # on which SQLAlchemy has begun nothing runs statements on their own (``fetchrow``).
+    # on which SQLAlchemy has begun nothing runs statements on their own (``fetch``).
     if connection.in_transaction() and not driver.is_in_transaction():
         raise RuntimeError("run a statement through SQLAlchemy first: no transaction has begun")
     return driver
 
 
-async def fetchrow(
+async def fetch(
     connection: AsyncConnection, statement: DriverStatement, params: Mapping[str, Any]
-) -> Any:
-    """The first row (an asyncpg record), or None. In the connection's transaction, or on its
-    own (one consistent snapshot) when SQLAlchemy has begun none on it."""
+) -> list[Any]:
+    """The rows (asyncpg records). In the connection's transaction, or on their own (one
+    consistent snapshot) when SQLAlchemy has begun none on it."""
     driver = await driver_connection(connection)
     try:
-        return await driver.fetchrow(statement.sql, *statement.args(params))
+        rows: list[Any] = await driver.fetch(statement.sql, *statement.args(params))
     except PostgresError:
         raise  # the server refused the statement; the connection is fine
     except BaseException:
@@ -81,3 +81,4 @@ async def fetchrow(
             # request as it is. Discard it here.
             await connection.invalidate()
         raise
+    return rows

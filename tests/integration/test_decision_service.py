@@ -23,7 +23,8 @@ from sqlalchemy import func, select, text
 from models import registry_store
 from models.features import FEATURES, INDEX
 from models.train import train_ranker, training_meta
-from services.decision.engine import Decided
+from services.decision import engine as engine_module
+from services.decision.engine import Decided, DecisionRequest, UnknownUser
 from services.decision.playbook_runs import STEP_JOB
 from services.decision.service import DecisionService
 from services.ingest.erasure import erase_user, pseudonym_key
@@ -392,6 +393,99 @@ async def _logged(r: Running, decided: list[Decided]) -> set[str]:
     ids = [d.message.decision_id for d in decided]
     async with r.runtime.sessions() as session:
         return set(await session.scalars(select(DecisionRow.id).where(DecisionRow.id.in_(ids))))
+
+
+def _outcome(d: Decided) -> tuple[Any, ...]:
+    """What a decision concluded, apart from its id, time and exploration draws."""
+    scored = [(c["element_id"], c.get("excluded_by"), c.get("score")) for c in d.log["candidates"]]
+    return d.message.user_id, d.log["context"]["features"], scored
+
+
+class _Frozen(datetime):
+    """The engine's clock, stopped: decisions made apart in time compare equal."""
+
+    instant = datetime.now(UTC)
+
+    @classmethod
+    def now(cls, tz: Any = None) -> _Frozen:
+        return cls.fromtimestamp(cls.instant.timestamp(), tz)
+
+
+async def test_people_decided_together_get_what_each_would_get_alone(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "datetime", _Frozen)
+    rng = np.random.default_rng(1)
+    x = rng.random((600, len(FEATURES)))
+    y = (x[:, INDEX["value_weight"]] > 0.6).astype(float)
+    booster = train_ranker(x, y, [6] * 100, num_trees=20)
+    meta = {**training_meta(600, 100), "features": list(FEATURES)}
+    async with running.runtime.sessions() as session, session.begin():
+        await registry_store.register(session, "m-batch", booster.model_to_string(), meta, by="t")
+        await registry_store.promote(session, "m-batch", by="test")
+    assert await running.service.refresh_model()
+    engine = running.service.engine
+    ranker = engine.ranker
+    scored: list[int] = []
+    real_score = ranker.score
+
+    def counting(matrix: Any) -> Any:
+        scored.append(len(matrix))
+        return real_score(matrix)
+
+    ranker.score = counting  # type: ignore[method-assign,assignment]
+    people = ["u-end", "u-champ", "ghost", "u-admin", "u-buyer", "u-end"]
+    async with running.runtime.engine.connect() as connection:
+        together = await engine.decide_many(
+            connection, [DecisionRequest(u, None, 2) for u in people]
+        )
+        assert len(scored) == 1  # one call for everyone's rows
+        alone = [await engine.decide(connection, u, channel=None, limit=2) for u in people[:2]]
+        assert len(scored) == 3
+
+    assert isinstance(together[2], UnknownUser) and together[2].user_id == "ghost"
+    decided = [d for d in together if isinstance(d, Decided)]
+    assert [d.message.user_id for d in decided] == [p for p in people if p != "ghost"]
+    assert scored[0] == sum(
+        1 for d in decided for c in d.log["candidates"] if c.get("score") is not None
+    )
+    assert [_outcome(d) for d in decided[:2]] == [_outcome(d) for d in alone]
+    assert _outcome(decided[0]) == _outcome(decided[-1])
+    for d in decided:
+        assert d.message.model_version == "m-batch"
+        assert d.message.items and "business value" in d.message.items[0].reason
+
+
+async def test_concurrent_requests_are_decided_in_batches(running: Running) -> None:
+    def batches() -> tuple[float, float]:
+        count = REGISTRY.get_sample_value("nbv_decision_read_batch_size_count") or 0.0
+        total = REGISTRY.get_sample_value("nbv_decision_read_batch_size_sum") or 0.0
+        return count, total
+
+    count, total = batches()
+    people = ["u-end", "u-champ", "u-admin", "u-buyer"] * 3 + ["ghost"]
+    answers = await asyncio.gather(
+        *(
+            running.http.get("/v1/next-best-value", params={"user_id": u, "limit": 1})
+            for u in people
+        )
+    )
+    assert [a.status_code for a in answers] == [200] * 12 + [404]
+    assert [a.json()["user_id"] for a in answers[:12]] == people[:12]
+    assert len({a.json()["decision_id"] for a in answers[:12]}) == 12
+    assert await _logged_ids(running, [a.json()["decision_id"] for a in answers[:12]]) == 12
+    new_count, new_total = batches()
+    assert new_total - total == len(people)
+    # A person is in a batch at most once: at least three batches, and fewer than requests.
+    assert 3 <= new_count - count < len(people)
+
+
+async def _logged_ids(r: Running, ids: list[str]) -> int:
+    async with r.runtime.sessions() as session:
+        n = await session.scalar(
+            select(func.count()).select_from(DecisionRow).where(DecisionRow.id.in_(ids))
+        )
+    return int(n or 0)
 
 
 async def test_group_commit_logs_concurrent_decisions_together(running: Running) -> None:

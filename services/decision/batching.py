@@ -1,0 +1,116 @@
+"""Decisions of concurrent requests made together: one read for all their people, one scoring
+and one explaining call per model (``DecisionEngine.decide_many``).
+
+A request hands its decision over and waits for it. Up to ``readers`` tasks take what is
+queued, each everything queued when it starts (at most ``max_batch``), and decide it on one
+connection. Nothing waits for a batch to fill: alone, a request is decided at once, as its
+own batch; under load, requests that arrive while a batch is read or decided form the next
+one. A database round trip costs the decision service about as much CPU as decoding the rows
+of a dozen people, and a LightGBM call about as much for one row as for dozens, so under load
+a decision costs less CPU than alone (docs/decision.md, "Benchmark").
+
+A person asked for again while their earlier request is still queued waits for the next
+batch, so that one batch never holds the same person twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.decision.engine import Decided, DecisionRequest, UnknownUser
+from shared.metrics import DECISION_READ_BATCH
+
+log = logging.getLogger(__name__)
+
+DecideMany = Callable[
+    [AsyncConnection, Sequence[DecisionRequest]], Awaitable[list[Decided | UnknownUser]]
+]
+Reading = Callable[[], contextlib.AbstractAsyncContextManager[AsyncConnection]]
+
+
+@dataclass
+class _Pending:
+    request: DecisionRequest
+    done: asyncio.Future[Decided] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class DecisionBatcher:
+    def __init__(
+        self, decide_many: DecideMany, reading: Reading, max_batch: int = 32, readers: int = 2
+    ) -> None:
+        if max_batch < 1 or readers < 1:
+            raise ValueError("a batcher needs a batch of at least one and one reader")
+        self._decide_many = decide_many
+        self._reading = reading
+        self._max_batch = max_batch
+        self._max_readers = readers
+        self._queue: deque[_Pending] = deque()
+        self._readers: set[asyncio.Task[None]] = set()
+
+    async def decide(self, request: DecisionRequest) -> Decided:
+        """The decision for ``request`` (not yet logged); raises UnknownUser for a person the
+        view does not know, or what deciding raised."""
+        pending = _Pending(request)
+        self._queue.append(pending)
+        if len(self._readers) < self._max_readers:
+            reader = asyncio.create_task(self._drain(), name="decision-reader")
+            self._readers.add(reader)
+            reader.add_done_callback(self._readers.discard)
+        return await pending.done
+
+    def _take(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        people: set[str] = set()
+        later: list[_Pending] = []
+        while self._queue and len(batch) < self._max_batch:
+            pending = self._queue.popleft()
+            if pending.done.done():
+                continue  # its request was cancelled (client gone)
+            if pending.request.user_id in people:
+                later.append(pending)
+                continue
+            people.add(pending.request.user_id)
+            batch.append(pending)
+        self._queue.extendleft(reversed(later))
+        return batch
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._take()
+            if batch:
+                await self._decide(batch)
+
+    async def _decide(self, batch: list[_Pending]) -> None:
+        DECISION_READ_BATCH.observe(len(batch))
+        try:
+            async with self._reading() as connection:
+                results = await self._decide_many(connection, [p.request for p in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0], exc)
+                return
+            # One person's decision must not fail the others': each on its own.
+            log.warning("decision batch failed; deciding its requests one by one")
+            for pending in batch:
+                await self._decide([pending])
+            return
+        for pending, result in zip(batch, results, strict=True):
+            _settle(pending, result)
+
+
+def _settle(pending: _Pending, outcome: Decided | BaseException) -> None:
+    if pending.done.done():  # the request was cancelled (client gone)
+        return
+    if isinstance(outcome, BaseException):
+        pending.done.set_exception(outcome)
+    else:
+        pending.done.set_result(outcome)
