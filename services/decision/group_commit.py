@@ -30,7 +30,7 @@ from services.decision.engine import Decided
 from services.ingest.erasure import BEGIN_FENCED_SQL, ErasureGuard, pseudonym
 from shared.metrics import DECISION_COMMIT_BATCH
 from shared.store import driver as store_driver
-from shared.store.lending import ConnectionLender
+from shared.store.lending import GENERIC_PLANS, ConnectionLender
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,11 @@ class DecisionCommitter:
         self._max_writers = writers
         self._writers: set[asyncio.Task[None]] = set()
         # Each writer's transaction runs on a lent connection (shared.store.lending).
-        self._connections = ConnectionLender(engine, writers)
+        self._connections = ConnectionLender(
+            engine,
+            writers,
+            settings=GENERIC_PLANS if engine.dialect.name == "postgresql" else None,
+        )
 
     async def commit(self, decided: Sequence[Decided]) -> set[str]:
         """Log, publish and commit ``decided``; returns the people whose decisions were

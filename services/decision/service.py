@@ -59,7 +59,7 @@ from shared.logging import log_ref
 from shared.runtime import Runtime
 from shared.scheduler import Job, SchedulerWorker, schedule
 from shared.store.db import upsert
-from shared.store.lending import ConnectionLender
+from shared.store.lending import GENERIC_PLANS, ConnectionLender
 from shared.store.models import DecisionRow, LibraryVersion, ProcessedEvent, UserView
 from shared.worker import PoisonRecord
 
@@ -132,10 +132,15 @@ class DecisionService:
             explain_items=s.decision_explain_items,
         )
         # Decisions read on lent connections (shared.store.lending), not borrowed per request,
-        # at most half of what the pool may open. SQLite's small pool (15) is left to
-        # SQLAlchemy: the embedded process's other services share it.
+        # with generic plans (their statements find people by key), at most half of what the
+        # pool may open. SQLite's small pool (15) is left to SQLAlchemy: the embedded
+        # process's other services share it.
         self.reads = (
-            ConnectionLender(runtime.engine, min(s.decision_read_connections, s.db_pool_size))
+            ConnectionLender(
+                runtime.engine,
+                min(s.decision_read_connections, s.db_pool_size),
+                settings=GENERIC_PLANS,
+            )
             if runtime.dialect == "postgresql"
             else None
         )

@@ -7,10 +7,11 @@ import os
 import subprocess
 
 import pytest
+from alembic import command
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from shared.store.db import migrate
+from shared.store.db import alembic_config, migrate
 from tests.harness import NBV, fresh_database
 
 pytestmark = pytest.mark.integration
@@ -69,3 +70,29 @@ async def test_migrations_started_together_in_one_process_all_succeed(pg_url: st
     # process would tear each other's down, so migrate() runs them one at a time.
     await asyncio.gather(*(migrate(pg_url) for _ in range(3)))
     assert await _schema_state(pg_url) == (1, 0)
+
+
+async def _compression(url: str) -> dict[str, str]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT attname, attcompression::text FROM pg_attribute "
+                    "WHERE attrelid = 'decisions'::regclass "
+                    "AND attname IN ('context', 'candidates', 'chosen')"
+                )
+            )
+            return {str(name): str(method) for name, method in rows}
+    finally:
+        await engine.dispose()
+
+
+async def test_the_decision_log_is_compressed_with_lz4_and_back_on_downgrade(pg_url: str) -> None:
+    await migrate(pg_url)
+    lz4 = {"context": "l", "candidates": "l", "chosen": "l"}
+    assert await _compression(pg_url) == lz4
+    await asyncio.to_thread(command.downgrade, alembic_config(pg_url), "0002")
+    assert await _compression(pg_url) == {"context": "", "candidates": "", "chosen": ""}
+    await migrate(pg_url)
+    assert await _compression(pg_url) == lz4
