@@ -37,7 +37,7 @@ DECISIONS = Counter(
 )
 DECISION_DURATION = Histogram(
     "nbv_decision_duration_seconds",
-    "Time to decide for one user",
+    "Time to decide for one user (from the read to the answer of its batch)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
 DECISION_COMMIT_BATCH = Histogram(
