@@ -246,6 +246,24 @@ class _Draft:
     contributions: Matrix | None = None
 
 
+@dataclass(slots=True)
+class _Tally:
+    """A batch's metrics, counted as it is decided and published once (a labelled child is
+    looked up under a lock: once per batch rather than once per item)."""
+
+    chosen: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    excluded: Counter[str] = field(default_factory=Counter)
+    scored: Counter[str] = field(default_factory=Counter)
+
+    def publish(self) -> None:
+        for labels, n in self.chosen.items():
+            DECISIONS.labels(*labels).inc(n)
+        for rule, n in self.excluded.items():
+            EXCLUSIONS.labels(rule).inc(n)
+        for version, n in self.scored.items():
+            MODEL_DECISIONS.labels(version).inc(n)
+
+
 def _by_ranker(drafts: Sequence[_Draft]) -> dict[int, list[_Draft]]:
     # A challenger serves some people: each model scores its own people's rows.
     groups: dict[int, list[_Draft]] = {}
@@ -370,7 +388,9 @@ class DecisionEngine:
         for draft in ready:
             self._choose(draft)
         _explain(ready, self.explain_items)
-        results = [d if isinstance(d, UnknownUser) else self._decided(d) for d in drafts]
+        tally = _Tally()
+        results = [d if isinstance(d, UnknownUser) else self._decided(d, tally) for d in drafts]
+        tally.publish()
         elapsed = time.perf_counter() - started
         for _ in ready:
             DECISION_DURATION.observe(elapsed)
@@ -489,7 +509,7 @@ class DecisionEngine:
             used[item_channel.value] += 1
             draft.chosen.append((pick.index, pick, item_channel))
 
-    def _decided(self, draft: _Draft) -> Decided:
+    def _decided(self, draft: _Draft, tally: _Tally) -> Decided:
         """The items with their reasons, the message for delivery, and the log."""
         request, library, ctx, effects = draft.request, draft.library, draft.ctx, draft.effects
         user, ranker, now = draft.person.user, draft.ranker, draft.now
@@ -523,9 +543,8 @@ class DecisionEngine:
                     content=library.contents[c.element.id],
                 )
             )
-            DECISIONS.labels(c.element.id, item_channel.value, ranker.version).inc()
-        for rule, n in Counter(c.excluded_by for c in candidates if c.excluded_by).items():
-            EXCLUSIONS.labels(rule).inc(n)
+            tally.chosen[(c.element.id, item_channel.value, ranker.version)] += 1
+        tally.excluded.update(c.excluded_by for c in candidates if c.excluded_by)
 
         message = DecisionMessage(
             decision_id=decision_id,
@@ -592,7 +611,7 @@ class DecisionEngine:
         quiet = draft.history.quiet
         if not items and candidates and all(c.excluded_by == "quiet_hours" for c in candidates):
             deferred_until = quiet.ends_after(now) if quiet else None
-        MODEL_DECISIONS.labels(ranker.version).inc()
+        tally.scored[ranker.version] += 1
         return Decided(message, log, contacts, deferred_until)
 
     @staticmethod
