@@ -86,8 +86,16 @@ class DecisionBatcher:
     async def _drain(self) -> None:
         while self._queue:
             batch = self._take()
-            if batch:
+            if not batch:
+                continue
+            try:
                 await self._decide(batch)
+            except BaseException as exc:
+                # Whatever stops this reader (shutdown, a bug outside the decision), the
+                # requests it took must not wait for ever.
+                for pending in batch:
+                    _settle(pending, exc)
+                raise
 
     async def _decide(self, batch: list[_Pending]) -> None:
         DECISION_READ_BATCH.observe(len(batch))
@@ -108,9 +116,11 @@ class DecisionBatcher:
 
 
 def _settle(pending: _Pending, outcome: Decided | BaseException) -> None:
-    if pending.done.done():  # the request was cancelled (client gone)
+    if pending.done.done():  # the request was cancelled (client gone), or already answered
         return
-    if isinstance(outcome, BaseException):
+    if isinstance(outcome, asyncio.CancelledError):
+        pending.done.cancel()
+    elif isinstance(outcome, BaseException):
         pending.done.set_exception(outcome)
     else:
         pending.done.set_result(outcome)

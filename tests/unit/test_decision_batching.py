@@ -143,3 +143,16 @@ def test_a_batcher_needs_room() -> None:
     fake = FakeEngine()
     with pytest.raises(ValueError):
         DecisionBatcher(fake.decide_many, fake.reading, max_batch=0)
+
+
+async def test_requests_taken_by_a_reader_that_stops_are_not_left_waiting() -> None:
+    fake = FakeEngine()
+    fake.hold = asyncio.Event()
+    batcher = DecisionBatcher(fake.decide_many, fake.reading, readers=1)
+    waiting = [asyncio.ensure_future(batcher.decide(_request(u))) for u in ("a", "b")]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    (reader,) = batcher._readers
+    reader.cancel()  # e.g. the service shutting down mid-batch
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
