@@ -289,7 +289,9 @@ def build_matrix(
     """One row per element. Filled column by column: the per-context parts of the prior and
     of the area features are computed once, not once per element (this runs on every
     decision, over every eligible element). ``base``: ``context_vector(ctx)``, if the caller
-    has it already."""
+    has it already; the element columns derived from context columns (the kind's rates, the
+    stage against renewal and tenure) read them from it, so the export, which passes the
+    logged ones, rebuilds them exactly."""
     n = len(elements)
     rows = np.zeros((n, len(FEATURES)), dtype=np.float64)
     if not n:
