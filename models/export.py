@@ -19,7 +19,8 @@ per-area usage (``context.feature_usage``), per-area sophistication and support 
 (``context.offer_history``: element id -> [times offered, days since the last offer]) and
 their earlier answers by area and kind (``context.area_outcomes``, ``context.kind_outcomes``:
 [achieved, dismissed]) and the per-area recency (``context.area_usage_7d``,
-``context.area_usage_prev_7d``, ``context.area_question_days``). Logs
+``context.area_usage_prev_7d``, ``context.area_question_days``) and how they answered the cards
+they saw, by kind (``context.kind_responses``: [seen, engaged, completed, dismissed]). Logs
 written before the engine recorded one of these get NaN in the columns it feeds (LightGBM treats
 NaN as missing); ``rule_score`` is then recovered exactly from the logged P(success) when the
 rule prior was serving. ``features_exact`` says which rows are exact.
@@ -41,7 +42,7 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped]
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from models.features import FEATURES, INDEX, ROLES, Context, build_matrix
+from models.features import FEATURES, INDEX, ROLES, Context, build_matrix, context_vector
 from services.decision.engine import facts
 from services.decision.library import ValueElement
 from shared.store.db import create_engine, session_factory
@@ -50,6 +51,19 @@ from shared.store.models import DecisionRow, Intervention, LibraryVersion, Value
 GRADE = {"completed": 2, "clicked": 1}
 # The per-area recency columns, NaN for decisions logged before the engine recorded them.
 RECENCY_COLUMNS = ("area_usage_7d", "area_share_7d", "area_trend", "days_since_area_question")
+# The person's answers to earlier cards (overall and for the element's kind), NaN for
+# decisions logged before the engine recorded ``context.kind_responses``.
+RESPONSE_COLUMNS = (
+    "cards_seen",
+    "engaged_rate",
+    "completed_rate",
+    "dismissed_rate",
+    "kind_seen",
+    "kind_engaged_rate",
+    "kind_completed_rate",
+    "kind_dismissed_rate",
+    "kind_taste",
+)
 # Which outcome wins when a shown item got several responses.
 OUTCOME_ORDER = ("completed", "clicked", "dismissed", "snoozed", "shown")
 META_COLUMNS = (
@@ -120,6 +134,12 @@ def _pairs(logged: object) -> dict[str, tuple[int, int]]:
     return {str(k): (int(v[0]), int(v[1])) for k, v in logged.items()}
 
 
+def _quads(logged: object) -> dict[str, tuple[int, int, int, int]]:
+    if not isinstance(logged, dict):
+        return {}
+    return {str(k): (int(v[0]), int(v[1]), int(v[2]), int(v[3])) for k, v in logged.items()}
+
+
 @dataclass(frozen=True)
 class DecisionRows:
     meta: list[dict[str, Any]]
@@ -148,6 +168,7 @@ def decision_rows(
     offers_logged = "offer_history" in ctx_log
     outcomes_logged = "area_outcomes" in ctx_log
     recency_logged = "area_usage_7d" in ctx_log
+    responses_logged = "kind_responses" in ctx_log
     ctx = dataclasses.replace(
         ctx,
         area_sophistication={
@@ -160,6 +181,7 @@ def decision_rows(
         },
         area_outcomes=_pairs(ctx_log.get("area_outcomes")),
         kind_outcomes=_pairs(ctx_log.get("kind_outcomes")),
+        kind_responses=_quads(ctx_log.get("kind_responses")),
         area_usage_7d=_counts(ctx_log.get("area_usage_7d")),
         area_usage_prev_7d=_counts(ctx_log.get("area_usage_prev_7d")),
         area_question_days={
@@ -173,12 +195,16 @@ def decision_rows(
         for c in row.candidates
         if c.get("excluded_by") is None and c.get("element_id") in elements
     ]
-    matrix = build_matrix(ctx, [facts(elements[c["element_id"]]) for c in eligible])
-    for name, value in logged.items():
-        if name in INDEX:
-            matrix[:, INDEX[name]] = value
+    # The context columns as logged: the element columns derived from them (the kind rates
+    # shrunk towards the person's overall ones, the stage against days to renewal and tenure)
+    # then equal the served ones exactly.
+    base = context_vector(ctx)
+    base.update((name, value) for name, value in logged.items() if name in INDEX)
+    matrix = build_matrix(ctx, [facts(elements[c["element_id"]]) for c in eligible], base)
     if "offers_7d" not in logged:
         matrix[:, INDEX["offers_7d"]] = math.nan
+    if not responses_logged:
+        matrix[:, [INDEX[name] for name in RESPONSE_COLUMNS]] = math.nan
     meta: list[dict[str, Any]] = []
     for i, c in enumerate(eligible):
         el = elements[c["element_id"]]
@@ -187,6 +213,7 @@ def decision_rows(
             offers_logged
             and outcomes_logged
             and recency_logged
+            and responses_logged
             and (not el.feature_area or (usage is not None and areas_logged))
         )
         if usage is None:

@@ -436,7 +436,9 @@ class DecisionEngine:
             ),
         )
         ctx = offer_history(ctx, [(o.element_id, o.at) for o in history.offers])
-        ctx = past_outcomes(ctx, user.achieved, user.dismissed, library.element_facts)
+        ctx = past_outcomes(
+            ctx, user.achieved, user.dismissed, library.element_facts, user.interventions
+        )
 
         # In library order, for the log: the eligibility rules' verdicts stand for the elements
         # they exclude (most of the library, for most people), candidates for the others.
@@ -578,6 +580,7 @@ class DecisionEngine:
                 "offer_history": {k: list(v) for k, v in ctx.offer_history.items()},
                 "area_outcomes": {k: list(v) for k, v in ctx.area_outcomes.items()},
                 "kind_outcomes": {k: list(v) for k, v in ctx.kind_outcomes.items()},
+                "kind_responses": {k: list(v) for k, v in ctx.kind_responses.items()},
                 "rules_fired": list(effects.fired),
                 "library_version": library.version,
                 "csm_id": csm_id,

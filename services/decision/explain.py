@@ -36,6 +36,20 @@ FEATURE_TEXT: dict[str, str] = {
     "role_match": "fit with the role",
     "area_usage": "use of its feature area",
     "rule_score": "rule prior",
+    # Before the kind_ prefix below reads them as kinds of element.
+    "cards_seen": "cards seen",
+    "engaged_rate": "how often cards are taken up",
+    "completed_rate": "how often cards are completed",
+    "dismissed_rate": "how often cards are dismissed",
+    "kind_seen": "cards of this kind seen",
+    "kind_engaged_rate": "take-up of this kind of element",
+    "kind_completed_rate": "completions of this kind of element",
+    "kind_dismissed_rate": "dismissals of this kind of element",
+    "kind_taste": "taste for this kind of element",
+    "kind_achieved": "elements of this kind completed",
+    "kind_dismissed": "elements of this kind dismissed",
+    "renew_days": "days to renewal, for a renewal element",
+    "onboard_days": "time as a customer, for an onboarding element",
 }
 _PRIOR_TEXT = {
     "need_detractor": "a detractor needs a human touch",

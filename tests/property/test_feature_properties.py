@@ -16,6 +16,7 @@ from models.features import (
     INDEX,
     KINDS,
     NEVER_DAYS,
+    RESPONSE_PRIOR_CARDS,
     ROLES,
     STAGES,
     Context,
@@ -68,6 +69,17 @@ def reference_row(ctx: Context, el: ElementFacts) -> np.ndarray:
         )
         days = ctx.area_question_days.get(area, NEVER_DAYS)
         row[INDEX["days_since_area_question"]] = min(days, NEVER_DAYS)
+    # The kind's answers: shrunk towards the person's overall rates, and relative to them.
+    seen, engaged, completed, dismissed = ctx.kind_responses.get(el.kind, (0, 0, 0, 0))
+    overall = context_vector(ctx)
+    k = RESPONSE_PRIOR_CARDS
+    row[INDEX["kind_seen"]] = seen
+    row[INDEX["kind_engaged_rate"]] = (engaged + k * overall["engaged_rate"]) / (seen + k)
+    row[INDEX["kind_completed_rate"]] = (completed + k * overall["completed_rate"]) / (seen + k)
+    row[INDEX["kind_dismissed_rate"]] = (dismissed + k * overall["dismissed_rate"]) / (seen + k)
+    row[INDEX["kind_taste"]] = row[INDEX["kind_engaged_rate"]] / overall["engaged_rate"]
+    row[INDEX["renew_days"]] = overall["days_to_renewal"] if el.stage == "renew" else NEVER_DAYS
+    row[INDEX["onboard_days"]] = overall["tenure_days"] if el.stage == "onboard" else NEVER_DAYS
     return row
 
 
@@ -111,6 +123,11 @@ contexts = st.builds(
     ),
     area_outcomes=st.dictionaries(areas, pairs, max_size=3),
     kind_outcomes=st.dictionaries(st.sampled_from(KINDS), pairs, max_size=3),
+    kind_responses=st.dictionaries(
+        st.sampled_from(KINDS),
+        st.tuples(st.integers(0, 20), st.integers(0, 5), st.integers(0, 5), st.integers(0, 5)),
+        max_size=4,
+    ),
 )
 
 

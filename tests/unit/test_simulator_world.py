@@ -150,7 +150,14 @@ def _served_decision(full_log: bool) -> tuple[object, np.ndarray, list[str]]:
     offered = [(elements[0].id, NOW - timedelta(days=9)), (elements[0].id, NOW - timedelta(days=2))]
     ctx = offer_history(ctx, [*offered, (elements[3].id, NOW - timedelta(hours=5))])
     library = {e.id: facts(e) for e in load_library().elements}
-    ctx = past_outcomes(ctx, ["create-first-project"], ["basics-quiz", "configure-sso"], library)
+    responses = [
+        {"decision_id": "d0", "element_id": elements[1].id, "outcome": "shown"},
+        {"decision_id": "d0", "element_id": elements[1].id, "outcome": "completed"},
+        {"decision_id": "d9", "element_id": elements[4].id, "outcome": "shown"},
+    ]
+    ctx = past_outcomes(
+        ctx, ["create-first-project"], ["basics-quiz", "configure-sso"], library, responses
+    )
     matrix = build_matrix(ctx, [facts(e) for e in elements])
     prior = RulePrior()
     scores = prior.score(matrix)
@@ -167,11 +174,13 @@ def _served_decision(full_log: bool) -> tuple[object, np.ndarray, list[str]]:
         context["offer_history"] = {k: list(v) for k, v in ctx.offer_history.items()}
         context["area_outcomes"] = {k: list(v) for k, v in ctx.area_outcomes.items()}
         context["kind_outcomes"] = {k: list(v) for k, v in ctx.kind_outcomes.items()}
+        context["kind_responses"] = {k: list(v) for k, v in ctx.kind_responses.items()}
         context["area_usage_7d"] = dict(ctx.area_usage_7d)
         context["area_usage_prev_7d"] = dict(ctx.area_usage_prev_7d)
         context["area_question_days"] = dict(ctx.area_question_days)
     else:
-        del context["features"]["offers_7d"]  # type: ignore[attr-defined]
+        for name in ("offers_7d", *RESPONSE_CONTEXT):
+            del context["features"][name]  # type: ignore[attr-defined]
     row = DecisionRow(
         id="d1",
         user_id="u1",
@@ -216,7 +225,18 @@ NOT_IN_OLD_LOGS = (
     "area_share_7d",
     "area_trend",
     "days_since_area_question",
+    "cards_seen",
+    "engaged_rate",
+    "completed_rate",
+    "dismissed_rate",
+    "kind_seen",
+    "kind_engaged_rate",
+    "kind_completed_rate",
+    "kind_dismissed_rate",
+    "kind_taste",
 )
+# The context columns of the answers to earlier cards, not logged before them.
+RESPONSE_CONTEXT = ("cards_seen", "engaged_rate", "completed_rate", "dismissed_rate")
 
 
 def test_export_reproduces_the_served_features() -> None:
