@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     # many batches read and decide at once, of at most decision_batch_max requests each.
     decision_readers: int = Field(default=2, ge=1, le=64)
     decision_batch_max: int = Field(default=32, ge=1, le=256)
+    # Transactions logging decisions at once (services/decision/group_commit.py).
+    decision_commit_writers: int = Field(default=2, ge=1, le=16)
 
     # Ingest: sources, the customer view's windows and scores, triggers (docs/ingest.md).
     stripe_webhook_secret: SecretStr = SecretStr("")

@@ -154,6 +154,7 @@ class DecisionService:
             runtime.engine,
             pseudonym_key(s),
             self._publish_or_refuse,
+            writers=s.decision_commit_writers,
         )
         self._worker = runtime.worker(
             topics=["triggers"], group="decision", handler=self.handle_triggers
