@@ -42,7 +42,16 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped]
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from models.features import FEATURES, INDEX, ROLES, Context, build_matrix, context_vector
+from models.features import (
+    FEATURES,
+    INDEX,
+    RESPONSE_CONTEXT,
+    RESPONSE_KIND,
+    ROLES,
+    Context,
+    build_matrix,
+    context_vector,
+)
 from services.decision.engine import facts
 from services.decision.library import ValueElement
 from shared.store.db import create_engine, session_factory
@@ -53,17 +62,7 @@ GRADE = {"completed": 2, "clicked": 1}
 RECENCY_COLUMNS = ("area_usage_7d", "area_share_7d", "area_trend", "days_since_area_question")
 # The person's answers to earlier cards (overall and for the element's kind), NaN for
 # decisions logged before the engine recorded ``context.kind_responses``.
-RESPONSE_COLUMNS = (
-    "cards_seen",
-    "engaged_rate",
-    "completed_rate",
-    "dismissed_rate",
-    "kind_seen",
-    "kind_engaged_rate",
-    "kind_completed_rate",
-    "kind_dismissed_rate",
-    "kind_taste",
-)
+RESPONSE_COLUMNS = (*RESPONSE_CONTEXT, *RESPONSE_KIND)
 # Which outcome wins when a shown item got several responses.
 OUTCOME_ORDER = ("completed", "clicked", "dismissed", "snoozed", "shown")
 META_COLUMNS = (

@@ -53,6 +53,16 @@ PRIOR_ENGAGED = 0.2
 PRIOR_COMPLETED = 0.1
 PRIOR_DISMISSED = 0.1
 
+# The person's answers to earlier cards (``Context.kind_responses``): overall (context
+# columns), then for the element's kind (element columns).
+RESPONSE_CONTEXT = ("cards_seen", "engaged_rate", "completed_rate", "dismissed_rate")
+RESPONSE_KIND = (
+    "kind_seen",
+    "kind_engaged_rate",
+    "kind_completed_rate",
+    "kind_dismissed_rate",
+    "kind_taste",
+)
 FEATURES: tuple[str, ...] = (
     "tenure_days",
     "days_since_seen",
@@ -95,17 +105,8 @@ FEATURES: tuple[str, ...] = (
     "area_share_7d",
     "area_trend",
     "days_since_area_question",
-    # The person's answers to earlier cards (``Context.kind_responses``): overall, then for
-    # the element's kind.
-    "cards_seen",
-    "engaged_rate",
-    "completed_rate",
-    "dismissed_rate",
-    "kind_seen",
-    "kind_engaged_rate",
-    "kind_completed_rate",
-    "kind_dismissed_rate",
-    "kind_taste",
+    *RESPONSE_CONTEXT,
+    *RESPONSE_KIND,
     # The element's stage against the person's situation, which ``stage_match`` reduces to
     # one stage by fixed thresholds: days to renewal for a renew-stage element, days since
     # first seen for an onboarding one (NEVER_DAYS for elements of other stages).
@@ -421,11 +422,7 @@ _ELEMENT_COLUMNS = (
     "area_share_7d",
     "area_trend",
     "days_since_area_question",
-    "kind_seen",
-    "kind_engaged_rate",
-    "kind_completed_rate",
-    "kind_dismissed_rate",
-    "kind_taste",
+    *RESPONSE_KIND,
     "renew_days",
     "onboard_days",
 )

@@ -345,16 +345,20 @@ async def test_account_trigger_fans_out_to_the_audience_and_quiet_hours_defer(
     assert not await _jobs(rt, f"playbook:payment-failed:u-buyer:{trigger_id}:%@%")
 
 
-async def test_a_promoted_model_is_swapped_in_and_explains_itself(running: Running) -> None:
-    assert (await _nbv(running, "u-end"))["model_version"] == "rules-v1"
-    rng = np.random.default_rng(0)
-    x = rng.random((600, len(FEATURES)))
+async def _promote_small_model(r: Running, version: str, seed: int) -> None:
+    """Registers and promotes a 20-tree model that favours high value weights."""
+    x = np.random.default_rng(seed).random((600, len(FEATURES)))
     y = (x[:, INDEX["value_weight"]] > 0.6).astype(float)
     booster = train_ranker(x, y, [6] * 100, num_trees=20)
     meta = {**training_meta(600, 100), "features": list(FEATURES)}
-    async with running.runtime.sessions() as session, session.begin():
-        await registry_store.register(session, "m1", booster.model_to_string(), meta, by="test")
-        await registry_store.promote(session, "m1", by="test")
+    async with r.runtime.sessions() as session, session.begin():
+        await registry_store.register(session, version, booster.model_to_string(), meta, by="test")
+        await registry_store.promote(session, version, by="test")
+
+
+async def test_a_promoted_model_is_swapped_in_and_explains_itself(running: Running) -> None:
+    assert (await _nbv(running, "u-end"))["model_version"] == "rules-v1"
+    await _promote_small_model(running, "m1", seed=0)
 
     async def version() -> str:
         return str((await _nbv(running, "u-champ"))["model_version"])
@@ -415,14 +419,7 @@ async def test_people_decided_together_get_what_each_would_get_alone(
     running: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(engine_module, "datetime", _Frozen)
-    rng = np.random.default_rng(1)
-    x = rng.random((600, len(FEATURES)))
-    y = (x[:, INDEX["value_weight"]] > 0.6).astype(float)
-    booster = train_ranker(x, y, [6] * 100, num_trees=20)
-    meta = {**training_meta(600, 100), "features": list(FEATURES)}
-    async with running.runtime.sessions() as session, session.begin():
-        await registry_store.register(session, "m-batch", booster.model_to_string(), meta, by="t")
-        await registry_store.promote(session, "m-batch", by="test")
+    await _promote_small_model(running, "m-batch", seed=1)
     assert await running.service.refresh_model()
     engine = running.service.engine
     ranker = engine.ranker

@@ -49,6 +49,18 @@ def _request(user_id: str) -> DecisionRequest:
     return DecisionRequest(user_id, None, 3)
 
 
+async def _held(
+    fake: FakeEngine, *users: str
+) -> tuple[DecisionBatcher, list[asyncio.Task[Decided]], asyncio.Event]:
+    """One reader, deciding ``users`` as its first batch, held until the event is set."""
+    fake.hold = hold = asyncio.Event()
+    batcher = DecisionBatcher(fake.decide_many, fake.reading, readers=1)
+    taken = [asyncio.ensure_future(batcher.decide(_request(u))) for u in users]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    return batcher, taken, hold
+
+
 async def test_concurrent_requests_share_a_batch_and_each_gets_its_answer() -> None:
     fake = FakeEngine()
     batcher = DecisionBatcher(fake.decide_many, fake.reading, max_batch=32, readers=1)
@@ -69,14 +81,10 @@ async def test_a_lone_request_is_decided_at_once() -> None:
 
 async def test_requests_arriving_during_a_batch_form_the_next_one() -> None:
     fake = FakeEngine()
-    fake.hold = asyncio.Event()
-    batcher = DecisionBatcher(fake.decide_many, fake.reading, readers=1)
-    first = asyncio.ensure_future(batcher.decide(_request("a")))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    batcher, (first,), hold = await _held(fake, "a")
     later = [asyncio.ensure_future(batcher.decide(_request(u))) for u in ("b", "c", "d")]
     await asyncio.sleep(0)
-    fake.hold.set()
+    hold.set()
     await asyncio.gather(first, *later)
     assert fake.calls == [["a"], ["b", "c", "d"]]
 
@@ -125,16 +133,12 @@ async def test_a_failing_request_fails_alone() -> None:
 
 async def test_a_cancelled_request_is_left_out() -> None:
     fake = FakeEngine()
-    fake.hold = asyncio.Event()
-    batcher = DecisionBatcher(fake.decide_many, fake.reading, readers=1)
-    first = asyncio.ensure_future(batcher.decide(_request("a")))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    batcher, (first,), hold = await _held(fake, "a")
     gone = asyncio.ensure_future(batcher.decide(_request("gone")))
     kept = asyncio.ensure_future(batcher.decide(_request("kept")))
     await asyncio.sleep(0)
     gone.cancel()
-    fake.hold.set()
+    hold.set()
     assert str(await first) == "a:None" and str(await kept) == "kept:None"
     assert fake.calls == [["a"], ["kept"]]
 
@@ -147,11 +151,7 @@ def test_a_batcher_needs_room() -> None:
 
 async def test_requests_taken_by_a_reader_that_stops_are_not_left_waiting() -> None:
     fake = FakeEngine()
-    fake.hold = asyncio.Event()
-    batcher = DecisionBatcher(fake.decide_many, fake.reading, readers=1)
-    waiting = [asyncio.ensure_future(batcher.decide(_request(u))) for u in ("a", "b")]
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    batcher, waiting, _ = await _held(fake, "a", "b")
     (reader,) = batcher._readers
     reader.cancel()  # e.g. the service shutting down mid-batch
     results = await asyncio.gather(*waiting, return_exceptions=True)

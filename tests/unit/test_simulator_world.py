@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
 
 from models.export import best_outcome, context_from_features
-from models.features import FEATURES, context_vector
+from models.features import FEATURES, RESPONSE_CONTEXT, context_vector
 from models.logdata import LogData
 from models.simulator.driver import library_fits
 from models.simulator.events import onboarding_events, person_week
@@ -235,8 +235,6 @@ NOT_IN_OLD_LOGS = (
     "kind_dismissed_rate",
     "kind_taste",
 )
-# The context columns of the answers to earlier cards, not logged before them.
-RESPONSE_CONTEXT = ("cards_seen", "engaged_rate", "completed_rate", "dismissed_rate")
 
 
 def test_export_reproduces_the_served_features() -> None:
