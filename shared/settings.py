@@ -97,15 +97,14 @@ class Settings(BaseSettings):
     # Chosen items whose reason cites the model's SHAP contributions (about 0.05 ms per item on
     # the bench's 200-tree model: models/treeshap.py); the others cite the rule prior's factors.
     decision_explain_items: int = Field(default=1, ge=0, le=20)
-    # Connections a decision service on PostgreSQL keeps out of the pool for its reads (at most
-    # this many decisions read at once; shared.store.lending); capped at db_pool_size.
+    # Connections a decision service on PostgreSQL keeps out of the pool for its batches (at
+    # most this many decide and log at once; shared.store.lending); capped at db_pool_size.
     decision_read_connections: int = Field(default=16, ge=1, le=200)
-    # Concurrent requests are decided in batches (services/decision/batching.py): at most this
-    # many batches read and decide at once, of at most decision_batch_max requests each.
+    # Concurrent requests are decided and logged in batches (services/decision/batching.py,
+    # group_commit.py): at most this many batches at once, of at most decision_batch_max
+    # requests each, one transaction each.
     decision_readers: int = Field(default=2, ge=1, le=64)
     decision_batch_max: int = Field(default=32, ge=1, le=256)
-    # Transactions logging decisions at once (services/decision/group_commit.py).
-    decision_commit_writers: int = Field(default=2, ge=1, le=16)
 
     # Ingest: sources, the customer view's windows and scores, triggers (docs/ingest.md).
     stripe_webhook_secret: SecretStr = SecretStr("")

@@ -1,13 +1,14 @@
 """Decisions of concurrent requests made together: one read for all their people, one scoring
-and one explaining call per model (``DecisionEngine.decide_many``).
+and one explaining call per model (``DecisionEngine.decide_many``), one transaction that logs
+and publishes them all (``services.decision.group_commit``).
 
 A request hands its decision over and waits for it. Up to ``readers`` tasks take what is
-queued, each everything queued when it starts (at most ``max_batch``), and decide it on one
-connection. Nothing waits for a batch to fill: alone, a request is decided at once, as its
-own batch; under load, requests that arrive while a batch is read or decided form the next
-one. A database round trip costs the decision service about as much CPU as decoding the rows
-of a dozen people, and a LightGBM call about as much for one row as for dozens, so under load
-a decision costs less CPU than alone (docs/decision.md, "Benchmark").
+queued, each everything queued when it starts (at most ``max_batch``), and decide and log it
+in one transaction. Nothing waits for a batch to fill: alone, a request is decided at once, as
+its own batch; under load, requests that arrive while a batch is decided form the next one.
+A database round trip costs the decision service about as much CPU as decoding the rows of a
+dozen people, and a LightGBM call about as much for one row as for dozens, so under load a
+decision costs less CPU than alone (docs/decision.md, "Benchmark").
 
 A person asked for again while their earlier request is still queued waits for the next
 batch, so that one batch never holds the same person twice.
@@ -16,23 +17,17 @@ batch, so that one batch never holds the same person twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.decision.engine import Decided, DecisionRequest, UnknownUser
 from shared.metrics import DECISION_READ_BATCH
 
 log = logging.getLogger(__name__)
 
-DecideMany = Callable[
-    [AsyncConnection, Sequence[DecisionRequest]], Awaitable[list[Decided | UnknownUser]]
-]
-Reading = Callable[[], contextlib.AbstractAsyncContextManager[AsyncConnection]]
+DecideMany = Callable[[Sequence[DecisionRequest]], Awaitable[list[Decided | UnknownUser]]]
 
 
 @dataclass
@@ -44,21 +39,18 @@ class _Pending:
 
 
 class DecisionBatcher:
-    def __init__(
-        self, decide_many: DecideMany, reading: Reading, max_batch: int = 32, readers: int = 2
-    ) -> None:
+    def __init__(self, decide_many: DecideMany, max_batch: int = 32, readers: int = 2) -> None:
         if max_batch < 1 or readers < 1:
             raise ValueError("a batcher needs a batch of at least one and one reader")
         self._decide_many = decide_many
-        self._reading = reading
         self._max_batch = max_batch
         self._max_readers = readers
         self._queue: deque[_Pending] = deque()
         self._readers: set[asyncio.Task[None]] = set()
 
     async def decide(self, request: DecisionRequest) -> Decided:
-        """The decision for ``request`` (not yet logged); raises UnknownUser for a person the
-        view does not know, or what deciding raised."""
+        """The decision for ``request``, logged; raises UnknownUser for a person the view does
+        not know, or what deciding or logging raised."""
         pending = _Pending(request)
         self._queue.append(pending)
         if len(self._readers) < self._max_readers:
@@ -100,8 +92,7 @@ class DecisionBatcher:
     async def _decide(self, batch: list[_Pending]) -> None:
         DECISION_READ_BATCH.observe(len(batch))
         try:
-            async with self._reading() as connection:
-                results = await self._decide_many(connection, [p.request for p in batch])
+            results = await self._decide_many([p.request for p in batch])
         except Exception as exc:
             if len(batch) == 1:
                 _settle(batch[0], exc)

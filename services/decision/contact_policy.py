@@ -35,6 +35,8 @@ from services.decision.library import ValueElement
 from shared.contracts import HELD_CARD_STATUSES
 from shared.envelope import Channel
 from shared.settings import Settings
+from shared.store import driver
+from shared.store.driver import DriverStatement
 from shared.store.models import Contact, Delivery, InboxItem
 
 # Channels that reach a person without them asking (in-app cards wait until they look).
@@ -332,17 +334,31 @@ def _utc(value: str) -> datetime:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
+_CSM_ALERTS = (
+    select(func.count())
+    .select_from(Contact)
+    .where(
+        Contact.csm_id == bindparam("csm_id"),
+        Contact.channel == bindparam("channel"),
+        Contact.at > bindparam("since"),
+    )
+)
+_CSM_ALERTS_DRIVER: DriverStatement | None = None
+
+
 async def csm_alerts_last_day(connection: AsyncConnection, csm_id: str, now: datetime) -> int:
     """CSM alerts offered in the last 24 h over all the CSM's accounts (only when a decision
-    may alert a CSM, so it is not part of the person's statement)."""
-    return int(
-        await connection.scalar(
-            select(func.count())
-            .select_from(Contact)
-            .where(Contact.csm_id == csm_id, Contact.channel == "csm", Contact.at > now - DAY)
-        )
-        or 0
-    )
+    may alert a CSM, so it is not part of the person's statement). On PostgreSQL it runs on
+    the driver, as the person's read does: the decision's transaction is the driver's own
+    (services.decision.group_commit)."""
+    global _CSM_ALERTS_DRIVER
+    params = {"csm_id": csm_id, "channel": Channel.CSM.value, "since": now - DAY}
+    if connection.dialect.name != "postgresql":
+        return int(await connection.scalar(_CSM_ALERTS, params) or 0)
+    if _CSM_ALERTS_DRIVER is None:
+        _CSM_ALERTS_DRIVER = DriverStatement(_CSM_ALERTS, connection.dialect)
+    rows = await driver.fetch(connection, _CSM_ALERTS_DRIVER, params)
+    return int(rows[0][0])
 
 
 def contact_history(

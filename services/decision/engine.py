@@ -363,8 +363,8 @@ class DecisionEngine:
     ) -> list[Decided | UnknownUser]:
         """Decide for each request from what ``connection`` reads (one round trip for all the
         people), in order; UnknownUser for a person the view does not know. The caller logs
-        the results (``decision_log.write_decisions``), which also drops those of people
-        erased meanwhile.
+        the results (``services.decision.group_commit``, in the transaction that took the
+        erasure fence before this read).
 
         Together, the requests share what costs the same for one row as for many: the read,
         the ranker's scoring and its explanations (one call each per model). A person asked

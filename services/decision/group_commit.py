@@ -1,49 +1,52 @@
-"""Group commit of the decision log: the decisions of concurrent requests are logged, published
-and committed together, in one transaction per batch instead of one per decision.
+"""Deciding and logging a batch of requests in one transaction: the decisions are read, made,
+logged and published together, and committed once.
 
-A request decides on its own (one read, outside any transaction), hands its decisions over, and
-waits until they are committed: its answer is still sent only once its decisions are logged
-and published, or refused if that failed. Up to two writer tasks drain the queue, each taking
-everything queued when it starts a transaction; while they write, the next batch gathers. So
-under load a transaction carries many decisions (its round trips, the fence, the erasure check
-and the Kafka produce request are shared), and a decision that arrives during a write starts
-its own at once instead of waiting for that one to finish (a second writer halves the wait).
+On PostgreSQL the transaction begins with the erasure fence, before the read (one round trip
+for both), so the read itself proves that nobody in it was erased: an erasure that committed
+before the fence was granted is in the read's snapshot (the person is not found, and answered
+as unknown), and one that comes later waits for the commit, then erases what was logged. The
+log's insert needs no look-up in the erasure ledger, and the decision path has one queue (the
+batcher's) and one connection: before, a request's decisions were read outside any
+transaction, then handed to a writer task that took the fence, checked the ledger and logged
+them, which cost a second wait and a round trip (docs/decision.md, "Benchmark").
 
-Erasure: the reads take no lock, so a person may be erased between a request's read and the
-write. The writer takes the erasure fence and then checks the ledger (a later statement, so a
-fresh snapshot that sees any erasure that committed meanwhile) and drops such decisions; the
-request then answers as for an unknown person.
+The statements run on the driver (asyncpg), in a transaction this module begins and ends
+itself: SQLAlchemy's would add a round trip (its own BEGIN) and does not know of this one, so
+whatever reads on the connection meanwhile reads on the driver too (``shared.store.driver``).
+
+A decision is logged, then published, then committed: its answer is sent only once it is
+logged and published, or refused if that failed (the publish comes after the insert so that a
+decision the log refuses is never published). If the commit itself fails after the publish,
+the decision was published and not logged, the one window left (the delivery side ignores a
+decision it cannot find, and the request gets an error).
+
+On SQLite (embedded mode) the read stays outside the write transaction (a read-then-write
+transaction there fails when another connection wrote in between); the write checks the
+erasure ledger instead and drops the decisions of people erased since the read.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.decision.decision_log import write_decisions, write_decisions_unless_erased
-from services.decision.engine import Decided
-from services.ingest.erasure import BEGIN_FENCED_SQL, ErasureGuard, pseudonym
+from services.decision.decision_log import write_decisions, write_decisions_pg
+from services.decision.engine import Decided, DecisionRequest, UnknownUser
+from services.ingest.erasure import BEGIN_FENCED_SQL, ErasureGuard
 from shared.metrics import DECISION_COMMIT_BATCH
 from shared.store import driver as store_driver
 from shared.store.lending import GENERIC_PLANS, ConnectionLender
 
 log = logging.getLogger(__name__)
 
+DecideMany = Callable[
+    [AsyncConnection, Sequence[DecisionRequest]], Awaitable[list[Decided | UnknownUser]]
+]
 Publish = Callable[[Sequence[Decided]], Awaitable[None]]
-
-
-@dataclass
-class _Pending:
-    decided: Sequence[Decided]
-    # The people erased meanwhile (their decisions were dropped), or the write's error.
-    done: asyncio.Future[set[str]] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
 
 
 class DecisionCommitter:
@@ -51,104 +54,58 @@ class DecisionCommitter:
         self,
         engine: AsyncEngine,
         pseudonym_key: bytes | None,
+        decide_many: DecideMany,
         publish: Publish,
-        max_decisions: int = 200,
-        writers: int = 2,
+        connections: int,
     ) -> None:
         self._engine = engine
         # None: nobody can have been erased (erasure is refused without a key).
-        self._key = pseudonym_key
         self._guard = ErasureGuard(key=pseudonym_key)
+        self._decide_many = decide_many
         self._publish = publish
-        # Bounds a transaction's size (its statement's JSON, the produce request).
-        self._max = max_decisions
-        self._queue: deque[_Pending] = deque()
-        self._max_writers = writers
-        self._writers: set[asyncio.Task[None]] = set()
-        # Each writer's transaction runs on a lent connection (shared.store.lending).
-        self._connections = ConnectionLender(
-            engine,
-            writers,
-            settings=GENERIC_PLANS if engine.dialect.name == "postgresql" else None,
+        # On PostgreSQL, each batch runs on a lent connection (shared.store.lending) with
+        # generic plans: its statements find people by key. SQLite's small pool (15) is left
+        # to SQLAlchemy: the embedded process's other services share it.
+        self._connections = (
+            ConnectionLender(engine, connections, settings=GENERIC_PLANS)
+            if engine.dialect.name == "postgresql"
+            else None
         )
 
-    async def commit(self, decided: Sequence[Decided]) -> set[str]:
-        """Log, publish and commit ``decided``; returns the people whose decisions were
-        dropped because they were erased since. Raises what the write raised."""
-        if not decided:
-            return set()
-        pending = _Pending(decided)
-        self._queue.append(pending)
-        if len(self._writers) < self._max_writers:
-            writer = asyncio.create_task(self._drain(), name="decision-log-writer")
-            self._writers.add(writer)
-            writer.add_done_callback(self._writers.discard)
-        return await pending.done
-
-    async def close(self) -> None:
-        """After the last commit: the writers' connections go back to the pool."""
-        await self._connections.close()
-
-    async def _drain(self) -> None:
-        while self._queue:
-            batch = [self._queue.popleft()]
-            size = len(batch[0].decided)
-            while self._queue and size + len(self._queue[0].decided) <= self._max:
-                size += len(self._queue[0].decided)
-                batch.append(self._queue.popleft())
-            await self._write_batch(batch)
-
-    async def _write_batch(self, batch: list[_Pending]) -> None:
-        try:
-            erased = await self._write([d for p in batch for d in p.decided])
-        except Exception as exc:
-            if len(batch) == 1:
-                _settle(batch[0], exc)
-                return
-            # One request's bad decision must not fail the others: each on its own.
-            log.warning("decision log batch failed; writing its requests one by one")
-            for pending in batch:
-                try:
-                    _settle(pending, await self._write(pending.decided))
-                except Exception as one:
-                    _settle(pending, one)
-            return
-        for pending in batch:
-            _settle(pending, erased)
-
-    async def _write(self, decided: Sequence[Decided]) -> set[str]:
-        DECISION_COMMIT_BATCH.observe(len(decided))
-        if self._engine.dialect.name == "postgresql":
-            return await self._write_pg(decided)
-        async with self._engine.connect() as connection, connection.begin():
-            users = {d.message.user_id for d in decided}
-            erased = await self._guard.erased(connection, users)
-            kept = [d for d in decided if d.message.user_id not in erased]
-            await write_decisions(
-                connection,
-                [d.log for d in kept],
-                [c for d in kept for c in d.contacts],
-            )
-            await self._publish(kept)
-        return erased
-
-    async def _write_pg(self, decided: Sequence[Decided]) -> set[str]:
-        """Three round trips on the driver: BEGIN with the fence, the inserts that leave out
-        the erased, COMMIT (with the publish before it). SQLAlchemy's transaction would add
-        two (its own BEGIN; the ledger lookup in a statement of its own)."""
-        users = {d.message.user_id for d in decided}
-        pseudonyms = {u: pseudonym(self._key, u) for u in users} if self._key else {}
-        async with self._connections.connect() as connection:
-            driver = await store_driver.driver_connection(connection)
-            try:
-                await driver.execute(BEGIN_FENCED_SQL)
-                erased = await write_decisions_unless_erased(
-                    driver,
+    async def decide(self, requests: Sequence[DecisionRequest]) -> list[Decided | UnknownUser]:
+        """Decide ``requests`` (``DecisionEngine.decide_many``), log and publish the
+        decisions, commit; in order, UnknownUser for a person the view does not know (or who
+        was erased since the read, on SQLite). Raises what deciding or writing raised: then
+        nothing of the batch is logged."""
+        if self._connections is None:
+            return await self._decide_then_write(requests)
+        async with self._fenced() as connection:
+            results = await self._decide_many(connection, requests)
+            decided = [r for r in results if isinstance(r, Decided)]
+            if decided:
+                DECISION_COMMIT_BATCH.observe(len(decided))
+                await write_decisions_pg(
+                    await store_driver.driver_connection(connection),
                     [d.log for d in decided],
                     [c for d in decided for c in d.contacts],
-                    pseudonyms,
                 )
-                await self._publish([d for d in decided if d.message.user_id not in erased])
+                await self._publish(decided)
+        return results
+
+    async def close(self) -> None:
+        """After the last decision: the lent connections go back to the pool."""
+        if self._connections is not None:
+            await self._connections.close()
+
+    @contextlib.asynccontextmanager
+    async def _fenced(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction that holds the erasure fence, committed when the block ends."""
+        assert self._connections is not None
+        async with self._connections.connect() as connection:
+            driver: Any = await store_driver.driver_connection(connection)
+            try:
+                await driver.execute(BEGIN_FENCED_SQL)
+                yield connection
                 await driver.execute("COMMIT")
             except BaseException:
                 # SQLAlchemy knows nothing of this transaction: end it here, or discard the
@@ -162,13 +119,26 @@ class DecisionCommitter:
                     if driver.is_closed():
                         await connection.invalidate()
                 raise
-        return erased
 
-
-def _settle(pending: _Pending, outcome: set[str] | BaseException) -> None:
-    if pending.done.done():  # the request was cancelled (client gone)
-        return
-    if isinstance(outcome, BaseException):
-        pending.done.set_exception(outcome)
-    else:
-        pending.done.set_result(outcome)
+    async def _decide_then_write(
+        self, requests: Sequence[DecisionRequest]
+    ) -> list[Decided | UnknownUser]:
+        async with self._engine.connect() as connection:
+            results = await self._decide_many(connection, requests)
+        decided = [r for r in results if isinstance(r, Decided)]
+        if not decided:
+            return results
+        DECISION_COMMIT_BATCH.observe(len(decided))
+        async with self._engine.connect() as connection, connection.begin():
+            erased = await self._guard.erased(connection, {d.message.user_id for d in decided})
+            kept = [d for d in decided if d.message.user_id not in erased]
+            await write_decisions(
+                connection, [d.log for d in kept], [c for d in kept for c in d.contacts]
+            )
+            await self._publish(kept)
+        return [
+            UnknownUser(r.message.user_id)
+            if isinstance(r, Decided) and r.message.user_id in erased
+            else r
+            for r in results
+        ]

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from models.ranker import RulePrior
 from models.routing import ServingModels
@@ -59,7 +59,6 @@ from shared.logging import log_ref
 from shared.runtime import Runtime
 from shared.scheduler import Job, SchedulerWorker, schedule
 from shared.store.db import upsert
-from shared.store.lending import GENERIC_PLANS, ConnectionLender
 from shared.store.models import DecisionRow, LibraryVersion, ProcessedEvent, UserView
 from shared.worker import PoisonRecord
 
@@ -131,30 +130,17 @@ class DecisionService:
             self._csm_of,
             explain_items=s.decision_explain_items,
         )
-        # Decisions read on lent connections (shared.store.lending), not borrowed per request,
-        # with generic plans (their statements find people by key), at most half of what the
-        # pool may open. SQLite's small pool (15) is left to SQLAlchemy: the embedded
-        # process's other services share it.
-        self.reads = (
-            ConnectionLender(
-                runtime.engine,
-                min(s.decision_read_connections, s.db_pool_size),
-                settings=GENERIC_PLANS,
-            )
-            if runtime.dialect == "postgresql"
-            else None
-        )
-        self.batcher = DecisionBatcher(
-            self.engine.decide_many,
-            self._reading,
-            max_batch=s.decision_batch_max,
-            readers=s.decision_readers,
-        )
+        # Each batch of concurrent requests is decided, logged and published in one
+        # transaction (services.decision.batching, services.decision.group_commit).
         self.committer = DecisionCommitter(
             runtime.engine,
             pseudonym_key(s),
+            self.engine.decide_many,
             self._publish_or_refuse,
-            writers=s.decision_commit_writers,
+            connections=min(s.decision_read_connections, s.db_pool_size),
+        )
+        self.batcher = DecisionBatcher(
+            self.committer.decide, max_batch=s.decision_batch_max, readers=s.decision_readers
         )
         self._worker = runtime.worker(
             topics=["triggers"], group="decision", handler=self.handle_triggers
@@ -219,11 +205,6 @@ class DecisionService:
         await self.scheduler.stop()
         await self._worker.stop()
         await self.committer.close()
-        if self.reads is not None:
-            await self.reads.close()
-
-    def _reading(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
-        return self.reads.connect() if self.reads is not None else self._rt.engine.connect()
 
     # -------------------------------------------------------------- hot reloads
 
@@ -324,12 +305,8 @@ class DecisionService:
         The chosen items are also handed to delivery (for ``in_app``: the person's inbox).
         """
         try:
-            # Decided with concurrent requests (one read, no transaction: one statement;
-            # services.decision.batching), logged by group commit with other requests'
-            # decisions (services.decision.group_commit).
+            # Decided and logged with concurrent requests (services.decision.batching).
             decided = await self.batcher.decide(DecisionRequest(user_id, channel, limit))
-            if await self.committer.commit([decided]):
-                raise UnknownUser(user_id)  # erased since the read
         except UnknownUser:
             if cold_start:
                 return NextBestValue(
@@ -349,26 +326,20 @@ class DecisionService:
     @requires(Scope.DECISIONS_READ)
     async def next_best_value_batch(self, body: BatchRequest) -> BatchResponse:
         """Decide for many people at once (one transaction, one publish)."""
-        decided: list[Decided] = []
-        errors: list[BatchError] = []
-        async with self._reading() as connection:
-            results = await self.engine.decide_many(
-                connection,
-                [
-                    DecisionRequest(user_id, body.channel, body.limit)
-                    for user_id in dict.fromkeys(body.user_ids)
-                ],
-            )
-        for result in results:
-            if isinstance(result, UnknownUser):
-                errors.append(BatchError(user_id=result.user_id, error="unknown user_id"))
-            else:
-                decided.append(result)
-        erased = await self.committer.commit(decided)
-        if erased:
-            decided = [d for d in decided if d.message.user_id not in erased]
-            errors += [BatchError(user_id=u, error="unknown user_id") for u in sorted(erased)]
-        return BatchResponse(results=[self._answer(d) for d in decided], errors=errors)
+        results = await self.committer.decide(
+            [
+                DecisionRequest(user_id, body.channel, body.limit)
+                for user_id in dict.fromkeys(body.user_ids)
+            ]
+        )
+        return BatchResponse(
+            results=[self._answer(r) for r in results if isinstance(r, Decided)],
+            errors=[
+                BatchError(user_id=r.user_id, error="unknown user_id")
+                for r in results
+                if isinstance(r, UnknownUser)
+            ],
+        )
 
     @requires(Scope.DECISIONS_READ)
     async def get_decision(self, decision_id: str) -> DecisionLog:

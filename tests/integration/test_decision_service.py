@@ -25,6 +25,7 @@ from models.features import FEATURES, INDEX
 from models.train import train_ranker, training_meta
 from services.decision import engine as engine_module
 from services.decision.engine import Decided, DecisionRequest, UnknownUser
+from services.decision.group_commit import DecisionCommitter
 from services.decision.playbook_runs import STEP_JOB
 from services.decision.service import DecisionService
 from services.ingest.erasure import erase_user, pseudonym_key
@@ -388,11 +389,6 @@ async def test_a_campaign_is_launched_over_a_target_list_once(running: Running) 
     assert "usage-drop" in {p["name"] for p in listed["playbooks"]} and listed["rules"]
 
 
-async def _decide(r: Running, user: str) -> Decided:
-    async with r.runtime.engine.connect() as connection:
-        return await r.service.engine.decide(connection, user, channel=None, limit=2)
-
-
 async def _logged(r: Running, decided: list[Decided]) -> set[str]:
     ids = [d.message.decision_id for d in decided]
     async with r.runtime.sessions() as session:
@@ -485,16 +481,22 @@ async def _logged_ids(r: Running, ids: list[str]) -> int:
     return int(n or 0)
 
 
-async def test_group_commit_logs_concurrent_decisions_together(running: Running) -> None:
-    decided = [await _decide(running, u) for u in ("u-end", "u-champ", "u-admin") * 4]
-    batches = REGISTRY.get_sample_value("nbv_decision_commit_batch_size_count") or 0.0
-    committer = running.service.committer
+def _commit_batches() -> tuple[float, float]:
+    count = REGISTRY.get_sample_value("nbv_decision_commit_batch_size_count") or 0.0
+    total = REGISTRY.get_sample_value("nbv_decision_commit_batch_size_sum") or 0.0
+    return count, total
 
-    # Handed over at once, they share one transaction (the writer starts after all of them).
-    erased = await asyncio.gather(*(committer.commit([d]) for d in decided))
 
-    assert erased == [set()] * len(decided)
-    assert REGISTRY.get_sample_value("nbv_decision_commit_batch_size_count") == batches + 1
+async def test_a_batch_is_decided_and_logged_in_one_transaction(running: Running) -> None:
+    people = ["u-end", "u-champ", "u-admin", "ghost"]
+    count, total = _commit_batches()
+
+    results = await running.service.committer.decide([DecisionRequest(u, None, 2) for u in people])
+
+    assert isinstance(results[3], UnknownUser)
+    decided = [r for r in results if isinstance(r, Decided)]
+    assert [d.message.user_id for d in decided] == people[:3]
+    assert _commit_batches() == (count + 1, total + 3)
     assert await _logged(running, decided) == {d.message.decision_id for d in decided}
     async with running.runtime.sessions() as session:
         contacts = await session.scalar(
@@ -505,29 +507,75 @@ async def test_group_commit_logs_concurrent_decisions_together(running: Running)
     assert contacts == sum(len(d.message.items) for d in decided)
 
 
-async def test_group_commit_isolates_a_failing_decision(running: Running) -> None:
-    first, again, other = [await _decide(running, u) for u in ("u-end", "u-end", "u-champ")]
-    committer = running.service.committer
-    await committer.commit([first])
-    # The same decision id twice: the primary key refuses it, only for its own request.
-    duplicate = Decided(first.message, {**again.log, "id": first.log["id"]}, [])
+async def test_a_failing_decision_fails_only_its_own_request(running: Running) -> None:
+    first = await running.http.get("/v1/next-best-value", params={"user_id": "u-end"})
+    taken = first.json()["decision_id"]
+    batcher = running.service.batcher
+    # Asked for together, they share a batch; the logged id again: the primary key refuses
+    # the batch's insert, and each request is then decided on its own.
     outcomes = await asyncio.gather(
-        committer.commit([duplicate]), committer.commit([other]), return_exceptions=True
+        batcher.decide(DecisionRequest("u-end", None, 2, decision_id=taken)),
+        batcher.decide(DecisionRequest("u-champ", None, 2)),
+        return_exceptions=True,
     )
     assert isinstance(outcomes[0], Exception)
-    assert outcomes[1] == set()
-    assert await _logged(running, [other]) == {other.message.decision_id}
+    assert isinstance(outcomes[1], Decided)
+    assert await _logged(running, [outcomes[1]]) == {outcomes[1].message.decision_id}
 
 
-async def test_a_person_erased_between_read_and_log_gets_no_decision(running: Running) -> None:
-    decided = await _decide(running, "u-admin")
+async def test_an_erasure_and_a_decision_about_the_same_person_never_cross(
+    running: Running,
+) -> None:
+    """PostgreSQL: the decision's transaction holds the erasure fence from its read, so an
+    erasure waits for it and then erases what it logged. SQLite (no fence): the write finds
+    the person in the erasure ledger and logs nothing."""
     key = pseudonym_key(running.runtime.settings)
     assert key is not None
-    async with running.runtime.sessions() as session, session.begin():
-        await erase_user(session, running.runtime.dialect, key, "u-admin", datetime.now(UTC))
+    read, release = asyncio.Event(), asyncio.Event()
+    decide_many = running.service.engine.decide_many
 
-    assert await running.service.committer.commit([decided]) == {"u-admin"}
-    assert await _logged(running, [decided]) == set()
+    async def erase() -> None:
+        async with running.runtime.sessions() as session, session.begin():
+            await erase_user(session, running.runtime.dialect, key, "u-admin", datetime.now(UTC))
+
+    async def decide_then_wait(connection: Any, requests: Any) -> list[Decided | UnknownUser]:
+        results = await decide_many(connection, requests)
+        read.set()
+        if running.runtime.dialect == "postgresql":
+            await release.wait()
+        else:
+            await erase()  # between the read and the write
+        return results
+
+    committer = DecisionCommitter(
+        running.runtime.engine,
+        key,
+        decide_then_wait,
+        running.service._publish_or_refuse,
+        connections=1,
+    )
+    try:
+        deciding = asyncio.create_task(committer.decide([DecisionRequest("u-admin", None, 2)]))
+        await read.wait()
+        if running.runtime.dialect == "postgresql":
+            erasing = asyncio.create_task(erase())
+            await asyncio.sleep(0.3)
+            assert not erasing.done()  # waiting for the decision's fence
+            release.set()
+            [result] = await deciding
+            assert isinstance(result, Decided)
+            await erasing
+        else:
+            [result] = await deciding
+            assert isinstance(result, UnknownUser)
+    finally:
+        release.set()
+        await committer.close()
+    async with running.runtime.sessions() as session:
+        left = await session.scalar(
+            select(func.count()).select_from(DecisionRow).where(DecisionRow.user_id == "u-admin")
+        )
+    assert left == 0
     resp = await running.http.get("/v1/next-best-value", params={"user_id": "u-admin"})
     assert resp.status_code == 404, resp.text
 

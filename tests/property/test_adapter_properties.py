@@ -42,8 +42,9 @@ junk = (
     | st.sampled_from([-1, 0, 1e308, -1e-320, 2**63, "", " ", "²", "１"])
 )
 segment_ids = st.from_regex(r"[A-Za-z0-9._:@\-]{1,40}", fullmatch=True)
-# Any text a source may use as an id: NBV hashes what is outside its alphabet.
-any_ids = segment_ids | st.text(min_size=1, max_size=40)
+# Any text a source may use as an id: NBV hashes what is outside its alphabet (a blank one is
+# refused: test_a_blank_segment_message_id_is_refused_by_name).
+any_ids = segment_ids | st.text(min_size=1, max_size=40).filter(str.strip)
 
 
 def _containers(value: Any) -> Iterator[dict[str, Any]]:
@@ -201,6 +202,18 @@ def test_segment_message_maps_to_a_valid_event_keeping_ids_and_time(
         assert event.time == datetime.fromisoformat(message["timestamp"]).astimezone(UTC)
     else:
         assert event.time == RECEIVED
+
+
+@FAST
+@given(segment_messages(), st.text(alphabet=" \t\n\r\u3000", min_size=1, max_size=5))
+def test_a_blank_segment_message_id_is_refused_by_name(message: dict[str, Any], blank: str) -> None:
+    message["messageId"] = blank
+    try:
+        _segment({"batch": [message]})
+    except Unmappable as exc:
+        assert exc.field == "messageId"
+    else:
+        raise AssertionError("a blank messageId was accepted")
 
 
 @FAST

@@ -4,12 +4,10 @@ one person is never twice in a batch, and one bad request does not fail the othe
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.decision.batching import DecisionBatcher
 from services.decision.engine import Decided, DecisionRequest, UnknownUser
@@ -21,17 +19,9 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
-        self.connections = 0
         self.hold: asyncio.Event | None = None
 
-    @contextlib.asynccontextmanager
-    async def reading(self) -> AsyncIterator[AsyncConnection]:
-        self.connections += 1
-        yield cast(AsyncConnection, object())
-
-    async def decide_many(
-        self, connection: AsyncConnection, requests: Sequence[DecisionRequest]
-    ) -> list[Decided | UnknownUser]:
+    async def decide_many(self, requests: Sequence[DecisionRequest]) -> list[Decided | UnknownUser]:
         self.calls.append([r.user_id for r in requests])
         if self.hold is not None:
             await self.hold.wait()
@@ -54,7 +44,7 @@ async def _held(
 ) -> tuple[DecisionBatcher, list[asyncio.Task[Decided]], asyncio.Event]:
     """One reader, deciding ``users`` as its first batch, held until the event is set."""
     fake.hold = hold = asyncio.Event()
-    batcher = DecisionBatcher(fake.decide_many, fake.reading, readers=1)
+    batcher = DecisionBatcher(fake.decide_many, readers=1)
     taken = [asyncio.ensure_future(batcher.decide(_request(u))) for u in users]
     await asyncio.sleep(0)
     await asyncio.sleep(0)
@@ -63,18 +53,17 @@ async def _held(
 
 async def test_concurrent_requests_share_a_batch_and_each_gets_its_answer() -> None:
     fake = FakeEngine()
-    batcher = DecisionBatcher(fake.decide_many, fake.reading, max_batch=32, readers=1)
+    batcher = DecisionBatcher(fake.decide_many, max_batch=32, readers=1)
     users = [f"u{i}" for i in range(10)]
     answers = await asyncio.gather(*(batcher.decide(_request(u)) for u in users))
     assert [str(a) for a in answers] == [f"{u}:None" for u in users]
-    # All were queued before the reader ran: one batch, one connection.
+    # All were queued before the reader ran: one batch.
     assert fake.calls == [users]
-    assert fake.connections == 1
 
 
 async def test_a_lone_request_is_decided_at_once() -> None:
     fake = FakeEngine()
-    batcher = DecisionBatcher(fake.decide_many, fake.reading)
+    batcher = DecisionBatcher(fake.decide_many)
     assert str(await batcher.decide(_request("solo"))) == "solo:None"
     assert fake.calls == [["solo"]]
 
@@ -91,7 +80,7 @@ async def test_requests_arriving_during_a_batch_form_the_next_one() -> None:
 
 async def test_batches_are_bounded_and_readers_work_in_parallel() -> None:
     fake = FakeEngine()
-    batcher = DecisionBatcher(fake.decide_many, fake.reading, max_batch=4, readers=2)
+    batcher = DecisionBatcher(fake.decide_many, max_batch=4, readers=2)
     users = [f"u{i}" for i in range(10)]
     answers = await asyncio.gather(*(batcher.decide(_request(u)) for u in users))
     assert [str(a) for a in answers] == [f"{u}:None" for u in users]
@@ -101,7 +90,7 @@ async def test_batches_are_bounded_and_readers_work_in_parallel() -> None:
 
 async def test_one_person_is_never_twice_in_a_batch() -> None:
     fake = FakeEngine()
-    batcher = DecisionBatcher(fake.decide_many, fake.reading, readers=1)
+    batcher = DecisionBatcher(fake.decide_many, readers=1)
     answers = await asyncio.gather(
         *(batcher.decide(_request(u)) for u in ("a", "b", "a", "c", "a"))
     )
@@ -111,7 +100,7 @@ async def test_one_person_is_never_twice_in_a_batch() -> None:
 
 async def test_an_unknown_person_gets_unknown_user_and_the_others_their_answers() -> None:
     fake = FakeEngine()
-    batcher = DecisionBatcher(fake.decide_many, fake.reading, readers=1)
+    batcher = DecisionBatcher(fake.decide_many, readers=1)
     results = await asyncio.gather(
         *(batcher.decide(_request(u)) for u in ("a", "ghost", "b")), return_exceptions=True
     )
@@ -121,7 +110,7 @@ async def test_an_unknown_person_gets_unknown_user_and_the_others_their_answers(
 
 async def test_a_failing_request_fails_alone() -> None:
     fake = FakeEngine()
-    batcher = DecisionBatcher(fake.decide_many, fake.reading, readers=1)
+    batcher = DecisionBatcher(fake.decide_many, readers=1)
     results = await asyncio.gather(
         *(batcher.decide(_request(u)) for u in ("a", "boom", "b")), return_exceptions=True
     )
@@ -146,7 +135,7 @@ async def test_a_cancelled_request_is_left_out() -> None:
 def test_a_batcher_needs_room() -> None:
     fake = FakeEngine()
     with pytest.raises(ValueError):
-        DecisionBatcher(fake.decide_many, fake.reading, max_batch=0)
+        DecisionBatcher(fake.decide_many, max_batch=0)
 
 
 async def test_requests_taken_by_a_reader_that_stops_are_not_left_waiting() -> None:
