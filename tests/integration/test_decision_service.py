@@ -231,6 +231,19 @@ async def test_contact_policy_exclusions_are_logged_with_reasons(running: Runnin
         assert item["content"]["what"] and item["content"]["how"]
 
 
+async def test_the_csm_alert_cap_counts_the_alerts_of_all_the_csm_s_people(
+    settings: Settings,
+) -> None:
+    async with _serve(settings.model_copy(update={"csm_alerts_per_day": 1})) as running:
+        first = await _nbv(running, "u-champ", channel="csm", limit=1)
+        assert [i["channel"] for i in first["items"]] == ["csm"]
+        # Another person of the same CSM's accounts: the CSM's day is full.
+        second = await _nbv(running, "u-buyer", channel="csm", limit=1)
+        assert second["items"] == []
+        log = (await running.http.get(f"/v1/decisions/{second['decision_id']}")).json()
+        assert "csm_cap" in {c["excluded_by"] for c in log["candidates"]}
+
+
 async def test_cold_start_and_batch(running: Running) -> None:
     missing = await running.http.get("/v1/next-best-value", params={"user_id": "ghost"})
     assert missing.status_code == 404 and "ghost" in missing.json()["detail"]
