@@ -74,10 +74,6 @@ async def write_decisions_pg(
     decisions: Sequence[dict[str, Any]],
     contacts: Sequence[dict[str, Any]],
 ) -> None:
-    """On an asyncpg connection, in its transaction: log the decisions. JSON parses the
-    timestamps to the microsecond."""
-    await driver_connection.execute(
-        INSERT_SQL,
-        json_dumps([{**d, "created_at": d["created_at"].isoformat()} for d in decisions]),
-        json_dumps([{**c, "at": c["at"].isoformat()} for c in contacts]),
-    )
+    """On an asyncpg connection, in its transaction: log the decisions. Their timestamps go
+    as ISO 8601 text, which PostgreSQL parses to the microsecond."""
+    await driver_connection.execute(INSERT_SQL, json_dumps(decisions), json_dumps(contacts))

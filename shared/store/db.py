@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 from collections.abc import Sequence
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,18 @@ POOL_RECYCLE_S = 1800
 
 def json_dumps(value: Any) -> str:
     """JSON columns' serializer: orjson (the decision log's candidates are the hot write),
-    falling back to the standard library for what orjson refuses (integers over 64 bits)."""
+    falling back to the standard library for what orjson refuses (integers over 64 bits).
+    Datetimes become ISO 8601 text (``isoformat``) either way."""
     try:
         return orjson.dumps(value, option=_ORJSON_OPTIONS).decode()
     except orjson.JSONEncodeError:
-        return json.dumps(value)
+        return json.dumps(value, default=_isoformat)
+
+
+def _isoformat(value: Any) -> str:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def json_loads(text: str | bytes) -> Any:
