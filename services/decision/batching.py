@@ -39,7 +39,7 @@ class _Pending:
 
 
 class DecisionBatcher:
-    def __init__(self, decide_many: DecideMany, max_batch: int = 32, readers: int = 2) -> None:
+    def __init__(self, decide_many: DecideMany, max_batch: int = 32, readers: int = 3) -> None:
         if max_batch < 1 or readers < 1:
             raise ValueError("a batcher needs a batch of at least one and one reader")
         self._decide_many = decide_many
