@@ -97,8 +97,16 @@ def context_from_features(f: dict[str, float], now: datetime) -> Context:
     role = next((r for r in ROLES if f.get(f"role_{r}", 0.0) >= 0.5), None)
     to_renewal = f.get("days_to_renewal", 999.0)
     nps = f.get("nps", -1.0)
-    prev = math.expm1(f.get("log_usage_7d", 0.0))
+    usage = math.expm1(f.get("log_usage_7d", 0.0))
     change = f.get("usage_wow_change", 0.0)
+    if change == 0.0:
+        usage_before = 0.0  # no previous week, or the same usage: either reads as no change
+    elif change > -1.0:
+        usage_before = usage / (1.0 + change)
+    else:
+        # Usage fell to nothing: any week before with some usage gives -1 (the prior's need
+        # reads the drop, so it must not come back as "no change").
+        usage_before = 1.0
     health = f.get("health_score", -1.0)
     soph = f.get("sophistication", -1.0)
     return Context(
@@ -112,8 +120,8 @@ def context_from_features(f: dict[str, float], now: datetime) -> Context:
         renewal_date=None if to_renewal >= 999.0 else now + timedelta(days=to_renewal),
         n_achieved=round(f.get("n_achieved", 0.0)),
         n_dismissed=round(f.get("n_dismissed", 0.0)),
-        usage_7d=prev,
-        usage_prev_7d=prev / (1.0 + change) if change != 0.0 and change > -1.0 else 0.0,
+        usage_7d=usage,
+        usage_prev_7d=usage_before,
         health_score=None if health < 0 else health,
         sophistication=None if soph < 0 else soph,
         past_due=f.get("past_due", 0.0) >= 0.5,

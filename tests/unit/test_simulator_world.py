@@ -119,10 +119,13 @@ def test_log_queries_are_contiguous_and_split_by_time() -> None:
     assert (data.decided_at >= split).sum() == 2
 
 
-def _served_decision(full_log: bool) -> tuple[object, np.ndarray, list[str]]:
+def _served_decision(
+    full_log: bool, usage: tuple[int, int] = (25, 70)
+) -> tuple[object, np.ndarray, list[str]]:
     """A decision as the engine logs it under the rule prior, and the matrix it ranked;
     ``full_log``: with everything the engine logs now, else as logs written before per-area
-    usage, per-area standing and the offer history were recorded."""
+    usage, per-area standing and the offer history were recorded; ``usage``: the person's
+    usage this week and the week before."""
     from models.features import Context, build_matrix, offer_history, past_outcomes
     from models.ranker import RulePrior
     from services.decision.engine import facts
@@ -137,8 +140,8 @@ def _served_decision(full_log: bool) -> tuple[object, np.ndarray, list[str]]:
         event_count=120,
         feature_usage={"core": 40, "reporting": 3},
         open_tickets=1,
-        usage_7d=25,
-        usage_prev_7d=70,
+        usage_7d=usage[0],
+        usage_prev_7d=usage[1],
         area_sophistication={"core": 0.62, "reporting": 0.2},
         area_questions={"reporting": 2},
         area_usage_7d={"core": 9, "reporting": 3},
@@ -268,6 +271,26 @@ def test_export_reproduces_the_served_features() -> None:
     np.testing.assert_allclose(old[:, known], served[:, known], rtol=1e-9)
     with_area = [i for i, e in enumerate(ids) if library[e].feature_area]
     assert np.isnan(old[np.ix_(with_area, unknown)]).all()
+
+
+def test_export_reproduces_the_prior_after_usage_fell_to_nothing() -> None:
+    """A week-over-week change of -1 says only that the week before had some usage: the
+    export must still see the drop the prior's need rewarded (it once read it as no change,
+    and 0.1 % of a lift run's ranker rows did not give back their logged score)."""
+    from models.export import decision_rows
+    from models.features import INDEX
+    from services.decision.library import load_library
+
+    library = {e.id: e for e in load_library().elements}
+    row, served, _ = _served_decision(full_log=True, usage=(0, 70))
+    _, steady, _ = _served_decision(full_log=True, usage=(70, 70))
+    prior = INDEX["rule_score"]
+    assert (served[:, prior] > steady[:, prior]).any()  # the drop raised some element's prior
+    # Served by a model: the export rebuilds the prior's column (under the rule prior it reads
+    # it back from the logged P instead).
+    row.model_version = "lgbm-test"  # type: ignore[attr-defined]
+    out = decision_rows(row, library, {})  # type: ignore[arg-type]
+    np.testing.assert_allclose(out.features, served, rtol=1e-9)
 
 
 def test_a_project_makes_its_area_needed_and_visible() -> None:
