@@ -28,6 +28,13 @@ from shared.metrics import DECISION_READ_BATCH
 log = logging.getLogger(__name__)
 
 DecideMany = Callable[[Sequence[DecisionRequest]], Awaitable[list[Decided | UnknownUser]]]
+# Whether a batch's failure is everyone's (the database or the broker unavailable): then its
+# requests all get it at once rather than each waiting for its own attempt to fail the same way.
+Shared = Callable[[Exception], bool]
+
+
+def _never(exc: Exception) -> bool:
+    return False
 
 
 @dataclass
@@ -39,10 +46,17 @@ class _Pending:
 
 
 class DecisionBatcher:
-    def __init__(self, decide_many: DecideMany, max_batch: int = 32, readers: int = 3) -> None:
+    def __init__(
+        self,
+        decide_many: DecideMany,
+        max_batch: int = 32,
+        readers: int = 3,
+        shared_failure: Shared = _never,
+    ) -> None:
         if max_batch < 1 or readers < 1:
             raise ValueError("a batcher needs a batch of at least one and one reader")
         self._decide_many = decide_many
+        self._shared_failure = shared_failure
         self._max_batch = max_batch
         self._max_readers = readers
         self._queue: deque[_Pending] = deque()
@@ -94,8 +108,9 @@ class DecisionBatcher:
         try:
             results = await self._decide_many([p.request for p in batch])
         except Exception as exc:
-            if len(batch) == 1:
-                _settle(batch[0], exc)
+            if len(batch) == 1 or self._shared_failure(exc):
+                for pending in batch:
+                    _settle(pending, exc)
                 return
             # One person's decision must not fail the others': each on its own.
             log.warning("decision batch failed; deciding its requests one by one")

@@ -60,7 +60,7 @@ from shared.runtime import Runtime
 from shared.scheduler import Job, SchedulerWorker, schedule
 from shared.store.db import upsert
 from shared.store.models import DecisionRow, LibraryVersion, ProcessedEvent, UserView
-from shared.worker import PoisonRecord
+from shared.worker import PoisonRecord, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,14 @@ class DecisionLog(BaseModel):
     explanation: list[str] = Field(default_factory=list, description="one line per chosen item")
 
 
+def _unavailable(exc: Exception) -> bool:
+    """The database or the broker failed the batch (``shared.worker.is_transient``, or the
+    publish refused): each of its requests would fail the same way, after as long."""
+    return is_transient(exc) or (
+        isinstance(exc, HTTPException) and exc.status_code == status.HTTP_503_SERVICE_UNAVAILABLE
+    )
+
+
 class DecisionService:
     name = "decision"
 
@@ -140,7 +148,10 @@ class DecisionService:
             connections=min(s.decision_read_connections, s.db_pool_size),
         )
         self.batcher = DecisionBatcher(
-            self.committer.decide, max_batch=s.decision_batch_max, readers=s.decision_readers
+            self.committer.decide,
+            max_batch=s.decision_batch_max,
+            readers=s.decision_readers,
+            shared_failure=_unavailable,
         )
         self._worker = runtime.worker(
             topics=["triggers"], group="decision", handler=self.handle_triggers

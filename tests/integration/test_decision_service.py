@@ -536,6 +536,36 @@ async def test_a_failing_decision_fails_only_its_own_request(running: Running) -
     assert await _logged(running, [outcomes[1]]) == {outcomes[1].message.decision_id}
 
 
+async def test_a_broker_that_refuses_fails_a_batch_at_once_and_logs_nothing(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts = 0
+
+    async def refuse(topic: str, messages: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise ConnectionError("broker unavailable")
+
+    monkeypatch.setattr(running.runtime.bus, "publish", refuse)
+    people = ["u-end", "u-champ", "u-admin", "u-buyer"] * 2
+    before = await _logged_ids_of(running, people)
+    answers = await asyncio.gather(
+        *(running.http.get("/v1/next-best-value", params={"user_id": u}) for u in people)
+    )
+    assert {a.status_code for a in answers} == {503}
+    assert "decision log unavailable" in answers[0].text
+    # Refused once per batch, not once more per request of a failed batch.
+    assert 1 <= attempts < len(people)
+    assert await _logged_ids_of(running, people) == before
+
+
+async def _logged_ids_of(r: Running, users: list[str]) -> set[str]:
+    async with r.runtime.sessions() as session:
+        return set(
+            await session.scalars(select(DecisionRow.id).where(DecisionRow.user_id.in_(users)))
+        )
+
+
 async def test_an_erasure_and_a_decision_about_the_same_person_never_cross(
     running: Running,
 ) -> None:

@@ -15,7 +15,8 @@ from services.decision.engine import Decided, DecisionRequest, UnknownUser
 
 class FakeEngine:
     """Decides a request as the string ``user_id:channel``; knows everyone but ``ghost``;
-    raises for ``boom``; each call is recorded, and may be held until released."""
+    raises for ``boom`` (bad data) and ``down`` (the store unavailable); each call is
+    recorded, and may be held until released."""
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
@@ -27,6 +28,8 @@ class FakeEngine:
             await self.hold.wait()
         if any(r.user_id == "boom" for r in requests):
             raise RuntimeError("bad data")
+        if any(r.user_id == "down" for r in requests):
+            raise ConnectionError("the store is down")
         out: list[Any] = []
         for r in requests:
             out.append(
@@ -118,6 +121,18 @@ async def test_a_failing_request_fails_alone() -> None:
     assert isinstance(results[1], RuntimeError)
     # The batch failed as a whole, then each request was decided on its own.
     assert fake.calls == [["a", "boom", "b"], ["a"], ["boom"], ["b"]]
+
+
+async def test_a_failure_of_the_whole_batch_is_everyone_s_at_once() -> None:
+    fake = FakeEngine()
+    batcher = DecisionBatcher(
+        fake.decide_many, readers=1, shared_failure=lambda e: isinstance(e, ConnectionError)
+    )
+    outcomes = await asyncio.gather(
+        *(batcher.decide(_request(u)) for u in ("a", "down", "b")), return_exceptions=True
+    )
+    assert all(isinstance(o, ConnectionError) for o in outcomes)
+    assert fake.calls == [["a", "down", "b"]]  # not tried again one by one
 
 
 async def test_a_cancelled_request_is_left_out() -> None:
