@@ -9,6 +9,7 @@ Windows are rolling: "per day" is the last 24 hours, "per week" the last 7 days.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from sqlalchemy import (
     type_coerce,
     union_all,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.decision.library import ValueElement
@@ -343,7 +345,11 @@ _CSM_ALERTS = (
         Contact.at > bindparam("since"),
     )
 )
-_CSM_ALERTS_DRIVER: DriverStatement | None = None
+
+
+@functools.cache
+def _csm_alerts_on_driver(dialect: Dialect) -> DriverStatement:
+    return DriverStatement(_CSM_ALERTS, dialect)
 
 
 async def csm_alerts_last_day(connection: AsyncConnection, csm_id: str, now: datetime) -> int:
@@ -351,13 +357,10 @@ async def csm_alerts_last_day(connection: AsyncConnection, csm_id: str, now: dat
     may alert a CSM, so it is not part of the person's statement). On PostgreSQL it runs on
     the driver, as the person's read does: the decision's transaction is the driver's own
     (services.decision.group_commit)."""
-    global _CSM_ALERTS_DRIVER
     params = {"csm_id": csm_id, "channel": Channel.CSM.value, "since": now - DAY}
     if connection.dialect.name != "postgresql":
         return int(await connection.scalar(_CSM_ALERTS, params) or 0)
-    if _CSM_ALERTS_DRIVER is None:
-        _CSM_ALERTS_DRIVER = DriverStatement(_CSM_ALERTS, connection.dialect)
-    rows = await driver.fetch(connection, _CSM_ALERTS_DRIVER, params)
+    rows = await driver.fetch(connection, _csm_alerts_on_driver(connection.dialect), params)
     return int(rows[0][0])
 
 

@@ -79,15 +79,13 @@ class DecisionCommitter:
         nothing of the batch is logged."""
         if self._connections is None:
             return await self._decide_then_write(requests)
-        async with self._fenced() as connection:
+        async with self._fenced() as (connection, driver):
             results = await self._decide_many(connection, requests)
             decided = [r for r in results if isinstance(r, Decided)]
             if decided:
                 DECISION_COMMIT_BATCH.observe(len(decided))
                 await write_decisions_pg(
-                    await store_driver.driver_connection(connection),
-                    [d.log for d in decided],
-                    [c for d in decided for c in d.contacts],
+                    driver, [d.log for d in decided], [c for d in decided for c in d.contacts]
                 )
                 await self._publish(decided)
         return results
@@ -98,14 +96,15 @@ class DecisionCommitter:
             await self._connections.close()
 
     @contextlib.asynccontextmanager
-    async def _fenced(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction that holds the erasure fence, committed when the block ends."""
+    async def _fenced(self) -> AsyncIterator[tuple[AsyncConnection, Any]]:
+        """A transaction that holds the erasure fence, committed when the block ends: the
+        connection, and the asyncpg connection under it."""
         assert self._connections is not None
         async with self._connections.connect() as connection:
             driver: Any = await store_driver.driver_connection(connection)
             try:
                 await driver.execute(BEGIN_FENCED_SQL)
-                yield connection
+                yield connection, driver
                 await driver.execute("COMMIT")
             except BaseException:
                 # SQLAlchemy knows nothing of this transaction: end it here, or discard the
