@@ -7,6 +7,13 @@ a data-modifying CTE, always run to completion), so the statement's shape never 
 runs on the driver (asyncpg).
 SQLite (embedded mode) has no data-modifying CTEs: two Core inserts. Core, not the ORM: the log
 is write-only here and the unit of work would only add cost.
+
+A decision's ``candidates``, as stored: one entry per element that reached the ranker (its
+``element_id``, ``excluded_by`` — None, or the cap that turned it away after ranking —
+``detail``, ``channel`` and its scores), and one per reason that excluded elements before
+ranking, with those elements: ``{"excluded_by", "detail", "element_ids": [...]}``. Readers see
+one entry per element (``expand_candidates``); rows logged before the grouping already have that
+shape.
 """
 
 from __future__ import annotations
@@ -32,6 +39,21 @@ _DECISIONS = _table(DecisionRow)
 _CONTACTS = _table(Contact)
 _INSERT_DECISION = insert(_DECISIONS)
 _INSERT_CONTACTS = insert(_CONTACTS)
+
+
+def expand_candidates(stored: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per element, in the stored order (a group's elements where the group is)."""
+    out: list[dict[str, Any]] = []
+    for entry in stored:
+        ids = entry.get("element_ids")
+        if ids is None:
+            out.append(entry)
+            continue
+        out.extend(
+            {"element_id": i, "excluded_by": entry["excluded_by"], "detail": entry["detail"]}
+            for i in ids
+        )
+    return out
 
 
 async def write_decisions(

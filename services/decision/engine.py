@@ -546,7 +546,6 @@ class DecisionEngine:
                 )
             )
             tally.chosen[(c.element.id, item_channel.value, ranker.version)] += 1
-        tally.excluded.update(c.excluded_by for c in candidates if c.excluded_by)
 
         message = DecisionMessage(
             decision_id=decision_id,
@@ -585,7 +584,7 @@ class DecisionEngine:
                 "library_version": library.version,
                 "csm_id": csm_id,
             },
-            candidates=[_candidate_log(c) for c in candidates],
+            candidates=_candidate_log(candidates, tally.excluded),
             chosen=[
                 {
                     "element_id": i.element_id,
@@ -665,19 +664,37 @@ class DecisionEngine:
         ]
 
 
-def _candidate_log(c: _Candidate | Verdict) -> dict[str, Any]:
-    # An element excluded before the ranker has no scores: its entry says only which rule and
-    # why. Most of a library is excluded for most people, so this halves the JSON written per
-    # decision. One the caps turned away after ranking keeps its scores.
-    if isinstance(c, Verdict) or c.score is None:
-        return {"element_id": c.element.id, "excluded_by": c.excluded_by, "detail": c.detail}
-    return {
-        "element_id": c.element.id,
-        "excluded_by": c.excluded_by,
-        "detail": c.detail,
-        "channel": c.channel.value if c.channel else None,
-        "score": c.score,
-        "p_success": c.p_success,
-        "lever": c.lever,
-        "final": c.final,
-    }
+def _candidate_log(candidates: Sequence[_Candidate | Verdict], excluded: Counter[str]) -> list[Any]:
+    """The decision log's ``candidates`` (format: ``services.decision.decision_log``), counting
+    each rule's exclusions into ``excluded``. Most of a library is excluded before ranking for
+    most people, for a few reasons shared by many elements: one entry per reason, with its
+    elements, is a fifth of the JSON one entry per element was. One the caps turned away after
+    ranking keeps its scores."""
+    log: list[Any] = []
+    groups: dict[tuple[str | None, str | None], list[str]] = {}
+    for c in candidates:
+        if isinstance(c, Verdict) or c.score is None:
+            ids = groups.get((c.excluded_by, c.detail))
+            if ids is None:
+                ids = groups[(c.excluded_by, c.detail)] = []
+                log.append({"excluded_by": c.excluded_by, "detail": c.detail, "element_ids": ids})
+            ids.append(c.element.id)
+            continue
+        if c.excluded_by:
+            excluded[c.excluded_by] += 1
+        log.append(
+            {
+                "element_id": c.element.id,
+                "excluded_by": c.excluded_by,
+                "detail": c.detail,
+                "channel": c.channel.value if c.channel else None,
+                "score": c.score,
+                "p_success": c.p_success,
+                "lever": c.lever,
+                "final": c.final,
+            }
+        )
+    for (rule, _), ids in groups.items():
+        if rule:
+            excluded[rule] += len(ids)
+    return log

@@ -21,7 +21,7 @@ from models.routing import ServingModels
 from services.decision.admin import Launch, Launched, PlaybookList, admin_router
 from services.decision.batching import DecisionBatcher
 from services.decision.contact_policy import ContactLimits, ContactPolicy
-from services.decision.decision_log import write_decisions
+from services.decision.decision_log import expand_candidates, write_decisions
 from services.decision.engine import (
     Decided,
     DecisionEngine,
@@ -361,12 +361,13 @@ class DecisionService:
         if row is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown decision {decision_id!r}")
         out = DecisionLog.model_validate(row, from_attributes=True)
+        out.candidates = expand_candidates(row.candidates)
         out.explanation = [
             f"#{c.get('rank')} {c.get('element_id')} on {c.get('channel')} "
             f"(propensity {c.get('propensity')}): {c.get('reason', '')}"
             for c in row.chosen
         ]
-        excluded = [c for c in row.candidates if c.get("excluded_by")]
+        excluded = [c for c in out.candidates if c.get("excluded_by")]
         if excluded:
             counts: dict[str, int] = {}
             for c in excluded:

@@ -24,6 +24,7 @@ from models import registry_store
 from models.features import FEATURES, INDEX
 from models.train import train_ranker, training_meta
 from services.decision import engine as engine_module
+from services.decision.decision_log import expand_candidates
 from services.decision.engine import Decided, DecisionRequest, UnknownUser
 from services.decision.group_commit import DecisionCommitter
 from services.decision.playbook_runs import STEP_JOB
@@ -231,6 +232,34 @@ async def test_contact_policy_exclusions_are_logged_with_reasons(running: Runnin
         assert item["content"]["what"] and item["content"]["how"]
 
 
+async def test_the_log_keeps_one_entry_per_reason_and_explains_every_element(
+    running: Running,
+) -> None:
+    decided = await _nbv(running, "u-end", channel="in_app", limit=2)
+    async with running.runtime.sessions() as session:
+        row = await session.get(DecisionRow, decided["decision_id"])
+    assert row is not None
+    groups = [c for c in row.candidates if "element_ids" in c]
+    # Stored: each reason once, with the elements it excluded before ranking.
+    assert groups and len({(g["excluded_by"], g["detail"]) for g in groups}) == len(groups)
+    assert all(g["excluded_by"] and g["element_ids"] for g in groups)
+    log = (await running.http.get(f"/v1/decisions/{decided['decision_id']}")).json()
+    # Read: one entry per element of the library, none lost or repeated.
+    ids = [c["element_id"] for c in log["candidates"]]
+    assert sorted(ids) == sorted(e.id for e in running.service.engine.library.elements)
+    for g in groups:
+        for element in g["element_ids"]:
+            entry = next(c for c in log["candidates"] if c["element_id"] == element)
+            assert entry == {
+                "element_id": element,
+                "excluded_by": g["excluded_by"],
+                "detail": g["detail"],
+            }
+    assert {i["element_id"] for i in decided["items"]} <= {
+        c["element_id"] for c in log["candidates"] if c["excluded_by"] is None
+    }
+
+
 async def test_the_csm_alert_cap_counts_the_alerts_of_all_the_csm_s_people(
     settings: Settings,
 ) -> None:
@@ -410,7 +439,10 @@ async def _logged(r: Running, decided: list[Decided]) -> set[str]:
 
 def _outcome(d: Decided) -> tuple[Any, ...]:
     """What a decision concluded, apart from its id, time and exploration draws."""
-    scored = [(c["element_id"], c.get("excluded_by"), c.get("score")) for c in d.log["candidates"]]
+    scored = [
+        (c["element_id"], c.get("excluded_by"), c.get("score"))
+        for c in expand_candidates(d.log["candidates"])
+    ]
     return d.message.user_id, d.log["context"]["features"], scored
 
 

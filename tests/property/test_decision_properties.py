@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from models.ranker import RulePrior
 from services.decision import engine as engine_module
 from services.decision.contact_policy import ContactLimits, ContactPolicy
-from services.decision.decision_log import write_decisions
+from services.decision.decision_log import expand_candidates, write_decisions
 from services.decision.engine import Decided, DecisionEngine, LibrarySnapshot
 from services.decision.library import DEFAULT_LIBRARY, ValueElement, load_library
 from services.decision.playbooks import Condition, PlaybookSet, Rule
@@ -323,7 +323,7 @@ def test_a_required_element_is_offered_first_whenever_it_is_eligible(
         # Eligible: no rule, exclusion or contact rule stood in its way in this decision.
         eligible = {
             c["element_id"]
-            for c in d.row.candidates
+            for c in expand_candidates(d.row.candidates)
             if c["excluded_by"] is None and c["element_id"] in required
         }
         items = d.message.items
@@ -367,8 +367,8 @@ def test_boosts_never_reorder_the_elements_they_do_not_touch(
     plain = store.run(decide_in_a_row(store, s, s.rules, 0.0, deliver=False))
     boosted = store.run(decide_in_a_row(store, s, [*s.rules, booster], 0.0, deliver=False))
     for a, b in zip(plain, boosted, strict=True):
-        final_a = {c["element_id"]: c.get("final") for c in a.row.candidates}
-        final_b = {c["element_id"]: c.get("final") for c in b.row.candidates}
+        final_a = {c["element_id"]: c.get("final") for c in expand_candidates(a.row.candidates)}
+        final_b = {c["element_id"]: c.get("final") for c in expand_candidates(b.row.candidates)}
         untouched = [e for e in final_a if e not in boost]
         # Their scores are unchanged (so is their order) …
         assert all(final_b[e] == final_a[e] for e in untouched)
@@ -376,7 +376,7 @@ def test_boosts_never_reorder_the_elements_they_do_not_touch(
         # that order (ties by library order), however many slots the boosted ones took.
         required = {x for r in _fired(s.rules, b) for x in r.require}
         free = [e for e in untouched if final_a[e] is not None and e not in required]
-        best = sorted(free, key=lambda e: -final_a[e])  # stable: library order on ties
+        best = sorted(free, key=lambda e: -(final_a[e] or 0.0))  # stable: library order on ties
         picked = [i.element_id for i in b.message.items if i.element_id in free]
         assert picked == best[: len(picked)]
 

@@ -1,8 +1,10 @@
 import random
+import sys
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import lightgbm as lgb
 import numpy as np
 import pytest
 
@@ -89,6 +91,39 @@ def test_trained_model_saves_loads_and_ranks(tmp_path: Path) -> None:
     probe[1, INDEX["value_weight"]] = 0.1
     high, low = ranker.score(probe)
     assert high > low
+
+
+def _binary_booster(seed: int) -> lgb.Booster:
+    rng = np.random.default_rng(seed)
+    x = rng.random((600, len(FEATURES)))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    x[rng.random(x.shape) < 0.1] = 0.0
+    y = (np.nan_to_num(x[:, 0]) + rng.random(600) > 1).astype(int)
+    params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "seed": seed}
+    return lgb.train(params, lgb.Dataset(x, y), num_boost_round=25)
+
+
+def test_the_compiled_ranker_scores_as_lightgbm_does() -> None:
+    booster = _binary_booster(3)
+    ranker = LightGBMRanker(booster, "m")
+    assert ranker._predict is not None  # lleaves compiled it
+    rng = np.random.default_rng(4)
+    probe = rng.random((40, len(FEATURES))) * 3
+    probe[rng.random(probe.shape) < 0.2] = np.nan  # missing, and zeros, go LightGBM's way
+    probe[rng.random(probe.shape) < 0.2] = 0.0
+    np.testing.assert_allclose(
+        ranker.score(probe), booster.predict(probe, num_threads=1), rtol=0, atol=1e-12
+    )
+    assert ranker.score(probe[:1]).shape == (1,)
+
+
+def test_without_lleaves_lightgbm_predicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "lleaves", None)  # import lleaves: ImportError
+    booster = _binary_booster(5)
+    ranker = LightGBMRanker(booster, "m")
+    assert ranker._predict is None
+    probe = np.random.default_rng(6).random((5, len(FEATURES)))
+    assert list(ranker.score(probe)) == list(booster.predict(probe, num_threads=1))
 
 
 def test_a_model_for_other_features_is_refused(tmp_path: Path) -> None:
