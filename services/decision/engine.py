@@ -43,7 +43,16 @@ from services.decision.library import Stage, ValueElement
 from services.decision.person import Person, read_persons
 from services.decision.playbooks import PlaybookSet
 from services.decision.policy import Exploration, Pick
-from services.decision.rules import Gate, Verdict, gate, judge, screen
+from services.decision.rules import (
+    Gate,
+    LibraryVerdicts,
+    Screen,
+    Verdict,
+    gate,
+    judge,
+    judge_library,
+    screen_library,
+)
 from services.ingest.summary import sophistication as area_sophistication
 from services.ingest.view import AccountState, UserState
 from services.ingest.windows import total as usage_total
@@ -104,10 +113,11 @@ class LibrarySnapshot:
     contents: dict[str, ElementContent] = field(default_factory=dict)
     # How far back the contact policy looks (the longest cool-down).
     horizon: timedelta = field(default_factory=lambda: history_horizon(()))
-    # ``rules.screen`` of ``gates`` per (channel, role), filled as they are met.
-    screens: dict[tuple[Channel | None, str | None], tuple[Verdict | None, ...]] = field(
-        default_factory=dict
-    )
+    # Each gate's position by element id, and the gates each achieved event marks.
+    index: dict[str, int] = field(default_factory=dict)
+    by_event: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # ``rules.screen_library`` of ``gates`` per (channel, role), filled as they are met.
+    screens: dict[tuple[Channel | None, str | None], Screen] = field(default_factory=dict)
 
     @classmethod
     def of(cls, version: int | None, elements: Sequence[ValueElement]) -> LibrarySnapshot:
@@ -119,16 +129,26 @@ class LibrarySnapshot:
             tuple(gate(e) for e in elements),
             {e.id: e.content() for e in elements},
             history_horizon(elements),
+            {e.id: i for i, e in enumerate(elements)},
+            _by_event(elements),
         )
 
-    def screen(self, channel: Channel | None, role: str | None) -> tuple[Verdict | None, ...]:
+    def screen(self, channel: Channel | None, role: str | None) -> Screen:
         screened = self.screens.get((channel, role))
         if screened is None:
-            screened = screen(self.gates, channel, role)
+            screened = screen_library(self.gates, channel, role)
             # Roles come from the view: a bound keeps unexpected ones from growing it.
             if len(self.screens) < MAX_SCREENS:
                 self.screens[(channel, role)] = screened
         return screened
+
+
+def _by_event(elements: Sequence[ValueElement]) -> dict[str, tuple[int, ...]]:
+    marks: dict[str, list[int]] = {}
+    for i, e in enumerate(elements):
+        if e.achieved_event is not None:
+            marks.setdefault(e.achieved_event, []).append(i)
+    return {event: tuple(at) for event, at in marks.items()}
 
 
 def _num(obj: object, name: str) -> float | None:
@@ -235,7 +255,10 @@ class _Draft:
     effects: RuleEffects
     csm_id: str | None
     history: ContactHistory
+    # The verdicts the person's record decided, then the elements the channel or the role
+    # excludes, as (rule, detail, element ids) (``rules.judge_library``).
     candidates: list[_Candidate | Verdict]
+    screened_out: list[tuple[str, str, Sequence[str]]]
     eligible: list[_Candidate]
     features: dict[str, float]
     # One row per eligible candidate.
@@ -445,10 +468,18 @@ class DecisionEngine:
         candidates: list[_Candidate | Verdict] = []
         eligible: list[_Candidate] = []
         if only is None:
-            judged = judge(library.gates, user, channel, None, library.screen(channel, user.role))
+            judged = judge_library(
+                library.gates,
+                library.index,
+                library.by_event,
+                user,
+                library.screen(channel, user.role),
+            )
         else:
-            judged = judge([gate(e) for e in elements], user, channel, library.gates)
-        for verdict in judged:
+            judged = LibraryVerdicts(
+                judge([gate(e) for e in elements], user, channel, library.gates), []
+            )
+        for verdict in judged.verdicts:
             if verdict.excluded_by is not None:
                 candidates.append(verdict)
                 continue
@@ -479,6 +510,7 @@ class DecisionEngine:
             csm_id=csm_id,
             history=history,
             candidates=candidates,
+            screened_out=judged.screened,
             eligible=eligible,
             features=features,
             matrix=matrix,
@@ -584,7 +616,7 @@ class DecisionEngine:
                 "library_version": library.version,
                 "csm_id": csm_id,
             },
-            candidates=_candidate_log(candidates, tally.excluded),
+            candidates=_candidate_log(candidates, draft.screened_out, tally.excluded),
             chosen=[
                 {
                     "element_id": i.element_id,
@@ -611,7 +643,12 @@ class DecisionEngine:
         ]
         deferred_until = None
         quiet = draft.history.quiet
-        if not items and candidates and all(c.excluded_by == "quiet_hours" for c in candidates):
+        if (
+            not items
+            and not draft.screened_out
+            and candidates
+            and all(c.excluded_by == "quiet_hours" for c in candidates)
+        ):
             deferred_until = quiet.ends_after(now) if quiet else None
         tally.scored[ranker.version] += 1
         return Decided(message, log, contacts, deferred_until)
@@ -664,7 +701,11 @@ class DecisionEngine:
         ]
 
 
-def _candidate_log(candidates: Sequence[_Candidate | Verdict], excluded: Counter[str]) -> list[Any]:
+def _candidate_log(
+    candidates: Sequence[_Candidate | Verdict],
+    screened_out: Sequence[tuple[str, str, Sequence[str]]],
+    excluded: Counter[str],
+) -> list[Any]:
     """The decision log's ``candidates`` (format: ``services.decision.decision_log``), counting
     each rule's exclusions into ``excluded``. Most of a library is excluded before ranking for
     most people, for a few reasons shared by many elements: one entry per reason, with its
@@ -697,4 +738,7 @@ def _candidate_log(candidates: Sequence[_Candidate | Verdict], excluded: Counter
     for (rule, _), ids in groups.items():
         if rule:
             excluded[rule] += len(ids)
+    for rule, detail, element_ids in screened_out:
+        log.append({"excluded_by": rule, "detail": detail, "element_ids": list(element_ids)})
+        excluded[rule] += len(element_ids)
     return log

@@ -5,7 +5,7 @@ These run before the ranker, so the ranker never sees an ineligible element.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import NamedTuple
 
 from services.decision.library import ValueElement
@@ -66,7 +66,7 @@ def screen(
 ) -> tuple[Verdict | None, ...]:
     """The verdict of the rules that read only the element, the channel and the role (None
     where the person's own record decides): the same for everyone of a role on a channel, so
-    a library keeps one per pair (``LibrarySnapshot.screen``) and ``judge`` reuses it."""
+    a library keeps one per pair (``LibrarySnapshot.screen``, as a ``Screen``)."""
     screened: list[Verdict | None] = []
     for e, _, _, channels, roles, _ in gates:
         if channel is not None and channel not in channels:
@@ -78,36 +78,100 @@ def screen(
     return tuple(screened)
 
 
+class Screen(NamedTuple):
+    """``screen`` of a library's gates for one channel and role, in the shapes
+    ``judge_library`` reads: the gates the person's own record decides, and the others by the
+    verdict that excludes them (most of a library, for most people)."""
+
+    verdicts: tuple[Verdict | None, ...]
+    open: tuple[int, ...]  # the gates no fixed rule excludes, in library order
+    excluded: tuple[tuple[str, str, tuple[int, ...], tuple[str, ...]], ...]  # rule, detail,
+    # its gates and their element ids
+
+
+def screen_library(gates: Sequence[Gate], channel: Channel | None, role: str | None) -> Screen:
+    verdicts = screen(gates, channel, role)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, verdict in enumerate(verdicts):
+        if verdict is not None and verdict.excluded_by is not None:
+            groups.setdefault((verdict.excluded_by, verdict.detail), []).append(i)
+    return Screen(
+        verdicts,
+        tuple(i for i, verdict in enumerate(verdicts) if verdict is None),
+        tuple(
+            (rule, detail, tuple(ix), tuple(gates[i].id for i in ix))
+            for (rule, detail), ix in groups.items()
+        ),
+    )
+
+
+def _verdict(
+    g: Gate, fixed: Verdict | None, achieved: Set[str], dismissed: Mapping[str, str]
+) -> Verdict:
+    # In the rules' order of precedence: achieved, dismissed, channel, role, prerequisites.
+    e, id_, prerequisites = g.element, g.id, g.prerequisites
+    if id_ in achieved:
+        return Verdict(e, "achieved", "already completed")
+    if id_ in dismissed:
+        return Verdict(e, "dismissed", f"dismissed at {dismissed[id_]}")
+    if fixed is not None:
+        return fixed
+    if prerequisites and (missing := [p for p in prerequisites if p not in achieved]):
+        return Verdict(e, "prerequisites", "needs " + ", ".join(missing))
+    return Verdict(e, None)
+
+
 def judge(
     gates: Sequence[Gate],
     user: UserState,
     channel: Channel | None,
     library: Sequence[Gate] | None = None,
-    screened: Sequence[Verdict | None] | None = None,
 ) -> list[Verdict]:
-    """``evaluate`` over gates built beforehand (``LibrarySnapshot.gates``); ``screened``:
-    ``screen`` of the same gates for this channel and the person's role."""
-    done, tracked, dismissed, role = user.achieved, user.track_events, user.dismissed, user.role
-    if screened is None:
-        screened = screen(gates, channel, role)
+    """``evaluate`` over gates built beforehand (``LibrarySnapshot.gates``)."""
+    done, tracked = user.achieved, user.track_events
     # Achieved: reported completed, or the event that marks it tracked.
     achieved = {
         g.id
         for g in (gates if library is None else library)
         if g.id in done or (g.achieved_event is not None and g.achieved_event in tracked)
     }
-    verdicts: list[Verdict] = []
-    append = verdicts.append
-    # In the rules' order of precedence: achieved, dismissed, channel, role, prerequisites.
-    for (e, id_, _, _, _, prerequisites), fixed in zip(gates, screened, strict=True):
-        if id_ in achieved:
-            append(Verdict(e, "achieved", "already completed"))
-        elif id_ in dismissed:
-            append(Verdict(e, "dismissed", f"dismissed at {dismissed[id_]}"))
-        elif fixed is not None:
-            append(fixed)
-        elif prerequisites and (missing := [p for p in prerequisites if p not in achieved]):
-            append(Verdict(e, "prerequisites", "needs " + ", ".join(missing)))
-        else:
-            append(Verdict(e, None))
-    return verdicts
+    return [
+        _verdict(g, fixed, achieved, user.dismissed)
+        for g, fixed in zip(gates, screen(gates, channel, user.role), strict=True)
+    ]
+
+
+class LibraryVerdicts(NamedTuple):
+    # The verdicts the person's record decides (their open gates, and what they achieved or
+    # dismissed), in library order; the others as (rule, detail, element ids).
+    verdicts: list[Verdict]
+    screened: list[tuple[str, str, Sequence[str]]]
+
+
+def judge_library(
+    gates: Sequence[Gate],
+    index: Mapping[str, int],
+    by_event: Mapping[str, tuple[int, ...]],
+    user: UserState,
+    screened: Screen,
+) -> LibraryVerdicts:
+    """``judge`` of a whole library (``index``: each gate's position by element id,
+    ``by_event``: the gates each achieved event marks) for a person, with ``screened`` for
+    their channel and role. Equal to ``judge``'s verdicts; per decision it costs what the
+    person's record and the open gates hold, not the library's size."""
+    dismissed = user.dismissed
+    achieved_at = {index[i] for i in user.achieved if i in index}
+    for event in user.track_events:
+        achieved_at.update(by_event.get(event, ()))
+    achieved = {gates[i].id for i in achieved_at}
+    special = achieved_at.union(index[i] for i in dismissed if i in index)
+    at = screened.open if not special else sorted(special.union(screened.open))
+    fixed = screened.verdicts
+    verdicts = [_verdict(gates[i], fixed[i], achieved, dismissed) for i in at]
+    if not special:
+        return LibraryVerdicts(verdicts, [(r, d, ids) for r, d, _, ids in screened.excluded])
+    rest = [
+        (rule, detail, [gates[i].id for i in ix if i not in special])
+        for rule, detail, ix, _ in screened.excluded
+    ]
+    return LibraryVerdicts(verdicts, [group for group in rest if group[2]])

@@ -34,7 +34,7 @@ from services.decision.engine import Decided, DecisionEngine, LibrarySnapshot
 from services.decision.library import DEFAULT_LIBRARY, ValueElement, load_library
 from services.decision.playbooks import Condition, PlaybookSet, Rule
 from services.decision.policy import EpsilonGreedy
-from services.decision.rules import evaluate
+from services.decision.rules import evaluate, judge_library
 from services.ingest.view import UserState
 from shared.envelope import Channel, Role
 from shared.store.db import create_engine, migrate, session_factory
@@ -309,6 +309,36 @@ def test_excluded_or_ineligible_elements_are_never_offered(store: Store, s: Scen
         }
         assert not chosen & ruled_out
         assert len(chosen) == len(d.message.items)  # never the same element twice
+
+
+EVENTS = sorted({e.achieved_event for e in LIBRARY if e.achieved_event})
+
+
+@PROPS
+@given(
+    s=scenarios(),
+    tracked=st.lists(st.sampled_from([*EVENTS, "unrelated.event"]), max_size=4, unique=True),
+    channel=st.sampled_from([None, *Channel]),
+    unknown=st.booleans(),
+)
+def test_the_whole_library_is_judged_as_element_by_element(
+    s: Scenario, tracked: list[str], channel: Channel | None, unknown: bool
+) -> None:
+    user = _user(s).model_copy(update={"track_events": dict.fromkeys(tracked, 1)})
+    if unknown:  # the record may name elements the library no longer has
+        user.achieved["gone"] = user.dismissed["gone-too"] = datetime.now(UTC).isoformat()
+    library = LibrarySnapshot.of(1, s.elements)
+    judged = judge_library(
+        library.gates, library.index, library.by_event, user, library.screen(channel, user.role)
+    )
+    fast = {v.element.id: (v.excluded_by, v.detail) for v in judged.verdicts}
+    for rule, detail, ids in judged.screened:
+        assert ids and not fast.keys() & set(ids)
+        fast.update(dict.fromkeys(ids, (rule, detail)))
+    slow = {v.element.id: (v.excluded_by, v.detail) for v in evaluate(s.elements, user, channel)}
+    assert fast == slow
+    order = [v.element.id for v in judged.verdicts]
+    assert order == [e.id for e in s.elements if e.id in set(order)]  # library order
 
 
 @PROPS

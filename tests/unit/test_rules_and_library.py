@@ -108,7 +108,7 @@ def test_element_schema_rejects_unknown_fields() -> None:
 
 def test_a_library_screens_each_channel_and_role_once_and_keeps_the_rules_precedence() -> None:
     from services.decision.engine import MAX_SCREENS, LibrarySnapshot
-    from services.decision.rules import judge
+    from services.decision.rules import judge_library
     from services.ingest.view import apply_to_user
 
     snapshot = LibrarySnapshot.of(1, LIBRARY.elements)
@@ -124,16 +124,18 @@ def test_a_library_screens_each_channel_and_role_once_and_keeps_the_rules_preced
 
     screened = snapshot.screen(Channel.IN_APP, "end_user")
     assert snapshot.screen(Channel.IN_APP, "end_user") is screened  # built once
-    verdicts = judge(snapshot.gates, user, Channel.IN_APP, None, screened)
-    by_id = {v.element.id: (v.excluded_by, v.detail) for v in verdicts}
+    judged = judge_library(snapshot.gates, snapshot.index, snapshot.by_event, user, screened)
+    by_id = {v.element.id: (v.excluded_by, v.detail) for v in judged.verdicts}
+    for rule, detail, ids in judged.screened:
+        by_id.update(dict.fromkeys(ids, (rule, detail)))
     # The person's own record comes before what the channel and the role rule out.
     assert by_id[csm_only] == ("achieved", "already completed")
     assert by_id[admin_only][0] == "dismissed"
-    assert [(v.element.id, v.excluded_by, v.detail) for v in verdicts] == [
-        (v.element.id, v.excluded_by, v.detail)
+    assert by_id == {
+        v.element.id: (v.excluded_by, v.detail)
         for v in evaluate(LIBRARY.elements, user, Channel.IN_APP)
-    ]
+    }
     # Roles come from the view: unexpected ones are screened but not kept beyond the bound.
     for n in range(2 * MAX_SCREENS):
-        assert len(snapshot.screen(Channel.EMAIL, f"role-{n}")) == len(LIBRARY.elements)
+        assert len(snapshot.screen(Channel.EMAIL, f"role-{n}").verdicts) == len(LIBRARY.elements)
     assert len(snapshot.screens) == MAX_SCREENS
