@@ -12,9 +12,6 @@ scientist's working copy, where training writes and evaluation adds its report::
 from __future__ import annotations
 
 import json
-import logging
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,13 +19,12 @@ import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
+from models.compiled import compile_predictor
 from models.features import FEATURES, INDEX
 from models.treeshap import compile_tables
 
 Matrix = npt.NDArray[np.float64]
 Vector = npt.NDArray[np.float64]
-
-log = logging.getLogger(__name__)
 
 
 class Ranker(Protocol):
@@ -99,33 +95,6 @@ class LightGBMRanker:
         return np.asarray(
             self._booster.predict(features, pred_contrib=True, num_threads=1), dtype=np.float64
         )
-
-
-def compile_predictor(booster: lgb.Booster, version: str) -> Callable[[Matrix], Vector] | None:
-    """The booster's predictions (``Booster.predict``'s, to the last bits of a float's
-    rounding) by native code that lleaves compiles with LLVM: 10-15 x faster on a decision's
-    rows, where LightGBM walks each tree node by node, and about 4 ms of compiling per tree,
-    once, when the model loads (off the event loop: ``ModelLoader``). None, and LightGBM
-    predicts, where lleaves is not installed or cannot compile the model."""
-    try:
-        import lleaves  # type: ignore[import-untyped]
-    except ImportError:
-        return None
-    try:
-        with tempfile.TemporaryDirectory(prefix="nbv-model-") as folder:
-            path = Path(folder) / "model.txt"
-            booster.save_model(str(path))
-            model = lleaves.Model(model_file=str(path))
-            model.compile()
-    except Exception:
-        log.warning("cannot compile the model; LightGBM predicts", extra={"model": version})
-        return None
-
-    def predict(features: Matrix) -> Vector:
-        # One thread, as with LightGBM: a call holds a few dozen rows.
-        return np.asarray(model.predict(features, n_jobs=1), dtype=np.float64)
-
-    return predict
 
 
 class ModelError(RuntimeError):

@@ -8,6 +8,7 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
+from models import compiled
 from models.features import FEATURES, INDEX, Context, ElementFacts, build_matrix
 from models.ranker import LightGBMRanker, ModelError, RulePrior, load_model, save_model
 from models.train import train_ranker, training_meta
@@ -117,8 +118,14 @@ def test_the_compiled_ranker_scores_as_lightgbm_does() -> None:
     assert ranker.score(probe[:1]).shape == (1,)
 
 
-def test_without_lleaves_lightgbm_predicts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "lleaves", None)  # import lleaves: ImportError
+@pytest.mark.parametrize("why", ["no lleaves", "the compile fails"])
+def test_where_lleaves_cannot_compile_lightgbm_predicts(
+    why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if why == "no lleaves":
+        monkeypatch.setitem(sys.modules, "lleaves", None)  # import lleaves: ImportError
+    else:
+        monkeypatch.setattr(compiled, "COMPILE_TIMEOUT_S", 0.001)  # the child never finishes
     booster = _binary_booster(5)
     ranker = LightGBMRanker(booster, "m")
     assert ranker._predict is None
