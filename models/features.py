@@ -6,6 +6,8 @@ model and checked when it loads.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -299,7 +301,7 @@ def build_matrix(
         return rows
     if base is None:
         base = context_vector(ctx)
-    rows[:, [INDEX[name] for name in base]] = list(base.values())
+    rows[:, _columns_of(tuple(base))] = np.fromiter(base.values(), np.float64, len(base))
     stage_now = ctx.stage()
     usage = ctx.feature_usage
     total_usage = sum(usage.values())
@@ -356,8 +358,17 @@ def build_matrix(
                 onboard_days if el.stage == "onboard" else NEVER_DAYS,
             )
         )
-    rows[:, _ELEMENT_INDEX] = np.array(values, dtype=np.float64)
+    # Flattened first: numpy converts rows of mixed bools, ints and floats at half the speed.
+    rows[:, _ELEMENT_INDEX] = np.fromiter(
+        itertools.chain.from_iterable(values), np.float64, n * len(_ELEMENT_INDEX)
+    ).reshape(n, len(_ELEMENT_INDEX))
     return rows
+
+
+@functools.lru_cache(maxsize=16)
+def _columns_of(names: tuple[str, ...]) -> npt.NDArray[np.intp]:
+    # The context columns' positions: the same few key orders on every decision.
+    return np.array([INDEX[name] for name in names], dtype=np.intp)
 
 
 def _kind_columns(ctx: Context, kind: str, rates: tuple[float, float, float]) -> tuple[float, ...]:
@@ -426,7 +437,7 @@ _ELEMENT_COLUMNS = (
     "renew_days",
     "onboard_days",
 )
-_ELEMENT_INDEX = [INDEX[name] for name in _ELEMENT_COLUMNS]
+_ELEMENT_INDEX = np.array([INDEX[name] for name in _ELEMENT_COLUMNS], dtype=np.intp)
 
 
 def offer_history(ctx: Context, offers: Iterable[tuple[str, datetime]]) -> Context:
