@@ -714,7 +714,7 @@ def _candidate_log(
     log: list[Any] = []
     groups: dict[tuple[str | None, str | None], list[str]] = {}
     for c in candidates:
-        if isinstance(c, Verdict) or c.score is None:
+        if isinstance(c, Verdict) or (c.score is None and c.excluded_by):
             ids = groups.get((c.excluded_by, c.detail))
             if ids is None:
                 ids = groups[(c.excluded_by, c.detail)] = []

@@ -161,8 +161,14 @@ def judge_library(
     person's record and the open gates hold, not the library's size."""
     dismissed = user.dismissed
     achieved_at = {index[i] for i in user.achieved if i in index}
-    for event in user.track_events:
-        achieved_at.update(by_event.get(event, ()))
+    tracked = user.track_events
+    if len(tracked) <= len(by_event):
+        for event in tracked:
+            achieved_at.update(by_event.get(event, ()))
+    else:  # a record of many distinct events: look up the few that mark elements
+        for event, marked in by_event.items():
+            if event in tracked:
+                achieved_at.update(marked)
     achieved = {gates[i].id for i in achieved_at}
     special = achieved_at.union(index[i] for i in dismissed if i in index)
     at = screened.open if not special else sorted(special.union(screened.open))

@@ -325,8 +325,9 @@ def test_the_whole_library_is_judged_as_element_by_element(
     s: Scenario, tracked: list[str], channel: Channel | None, unknown: bool
 ) -> None:
     user = _user(s).model_copy(update={"track_events": dict.fromkeys(tracked, 1)})
-    if unknown:  # the record may name elements the library no longer has
+    if unknown:  # the record may name elements the library no longer has, and many events
         user.achieved["gone"] = user.dismissed["gone-too"] = datetime.now(UTC).isoformat()
+        user.track_events.update((f"custom.event-{i}", 1) for i in range(2 * len(EVENTS)))
     library = LibrarySnapshot.of(1, s.elements)
     judged = judge_library(
         library.gates, library.index, library.by_event, user, library.screen(channel, user.role)
