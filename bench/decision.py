@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
 from tests.harness import (  # noqa: E402
     TEST_ADMIN_KEY,
     create_database,
+    delete_topics,
     drop_database,
     infra_env,
 )
@@ -345,12 +346,13 @@ def main() -> None:
 
     asyncio.run(register_and_promote(url, registry, version, by="bench/decision"))
     port = free_port()
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
     env = {
         **os.environ,
         "NBV_DATABASE_URL": url,
         "NBV_BUS": "kafka",
         "NBV_KAFKA_BOOTSTRAP": infra["NBV_KAFKA_BOOTSTRAP"],
-        "NBV_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:8]}.",
+        "NBV_TOPIC_PREFIX": prefix,
         "NBV_MODEL_DIR": str(registry),
         "NBV_AUTO_MIGRATE": "false",
         "NBV_ADMIN_KEY": TEST_ADMIN_KEY,
@@ -380,6 +382,7 @@ def main() -> None:
         server.terminate()
         server.wait(30)
         asyncio.run(drop_database(admin_url, url))
+        asyncio.run(delete_topics(infra["NBV_KAFKA_BOOTSTRAP"], prefix))
     summary = {
         "store": "postgresql",
         "bus": "kafka",

@@ -41,7 +41,7 @@ from shared.envelope import Channel  # noqa: E402
 from shared.settings import BusKind, Settings  # noqa: E402
 from shared.store.models import UserView  # noqa: E402
 from tests.delivery_support import SmtpSink  # noqa: E402
-from tests.harness import ServiceProcess, infra_env  # noqa: E402
+from tests.harness import ServiceProcess, delete_topics, infra_env  # noqa: E402
 
 POLL_S = 0.01
 
@@ -245,6 +245,7 @@ async def main() -> None:
         async with admin.connect() as conn:
             await conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         await admin.dispose()
+        await delete_topics(settings.kafka_bootstrap, prefix)
 
     print(
         f"decisions published: {len(decisions)} (+{len(redelivered)} redelivered), "

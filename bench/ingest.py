@@ -61,6 +61,7 @@ from tests.harness import (  # noqa: E402
     ServiceProcess,
     auth_headers,
     create_database,
+    delete_topics,
     drop_database,
     infra_env,
     rss_bytes,
@@ -373,7 +374,9 @@ async def kafka_ceiling(events: list[dict[str, Any]], bootstrap: str) -> float:
             await consumer.commit()
     finally:
         await consumer.stop()
-    return len(payloads) / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    await delete_topics(bootstrap, topic)
+    return len(payloads) / elapsed
 
 
 async def postgres_ceiling(
@@ -447,11 +450,12 @@ async def main() -> None:
     raw_url = await create_database(admin_url, "nbv_bench_raw")
     log_dir = ROOT / ".nbv" / "bench"
     log_dir.mkdir(parents=True, exist_ok=True)
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
     env = {
         "NBV_BUS": "kafka",
         "NBV_DATABASE_URL": url,
         "NBV_KAFKA_BOOTSTRAP": bootstrap,
-        "NBV_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:8]}.",
+        "NBV_TOPIC_PREFIX": prefix,
         "NBV_CONSUMER_BATCH_SIZE": str(args.consumer_batch),
         "NBV_KAFKA_PARTITIONS": str(args.partitions),
         "NBV_LOG_LEVEL": "WARNING",
@@ -467,6 +471,7 @@ async def main() -> None:
     finally:
         await drop_database(admin_url, url)
         await drop_database(admin_url, raw_url)
+        await delete_topics(bootstrap, prefix)
     ceiling = min(kafka, pg)
     print(
         json.dumps(

@@ -41,6 +41,7 @@ from tests.harness import (  # noqa: E402
     ServiceProcess,
     auth_headers,
     create_database,
+    delete_topics,
     infra_env,
     rss_bytes,
 )
@@ -230,11 +231,12 @@ async def main() -> None:
     database = await create_database(env["NBV_DATABASE_URL"], "nbv_soak")
     work = ROOT / ".nbv" / "bench" / f"soak-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True, exist_ok=True)
+    prefix = f"soak{uuid.uuid4().hex[:8]}."
     proc_env = {
         "NBV_BUS": "kafka",
         "NBV_DATABASE_URL": database,
         "NBV_KAFKA_BOOTSTRAP": env["NBV_KAFKA_BOOTSTRAP"],
-        "NBV_TOPIC_PREFIX": f"soak{uuid.uuid4().hex[:8]}.",
+        "NBV_TOPIC_PREFIX": prefix,
         "NBV_DATA_DIR": str(work / "data"),
         "NBV_LOG_LEVEL": "WARNING",
         "NBV_CONSUMER_LAG_INTERVAL_S": "2",
@@ -273,6 +275,7 @@ async def main() -> None:
         rss_end = rss_mb(proc.proc.pid)
     finally:
         proc.stop()
+        await delete_topics(env["NBV_KAFKA_BOOTSTRAP"], prefix)
     errors = sum(load.errors.values())
     result = {
         "errors": errors,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from shared.settings import BusKind, Settings
-from tests.harness import TEST_ADMIN_KEY, fresh_database
+from tests.harness import TEST_ADMIN_KEY, delete_topics, fresh_database
 
 REQUIRE_INFRA = os.environ.get("NBV_REQUIRE_INFRA") == "1"
 
@@ -46,9 +46,14 @@ async def pg_url(pg_admin_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def topic_prefix() -> str:
-    """Topics and consumer groups of their own for each test."""
-    return f"t{uuid.uuid4().hex[:10]}."
+async def topic_prefix() -> AsyncIterator[str]:
+    """Topics and consumer groups of their own for each test; its topics are deleted after
+    it, as its database is."""
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    yield prefix
+    bootstrap = os.environ.get("NBV_TEST_KAFKA_BOOTSTRAP")
+    if bootstrap:
+        await delete_topics(bootstrap, prefix)
 
 
 @pytest.fixture
