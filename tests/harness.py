@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -153,9 +155,6 @@ async def delete_topics(bootstrap: str, prefix: str) -> None:
     keeps every topic it was ever given, and thousands of partitions left by earlier runs
     kept it at a fifth of a CPU when idle: the next benchmark paid for it. Best effort: a
     broker that is away keeps them."""
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.errors import KafkaError
-
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     try:
         await admin.start()

@@ -51,6 +51,7 @@ from services.decision.rules import (
     gate,
     judge,
     judge_library,
+    marks_by_event,
     screen_library,
 )
 from services.ingest.summary import sophistication as area_sophistication
@@ -121,16 +122,17 @@ class LibrarySnapshot:
 
     @classmethod
     def of(cls, version: int | None, elements: Sequence[ValueElement]) -> LibrarySnapshot:
+        gates = tuple(gate(e) for e in elements)
         return cls(
             version,
             tuple(elements),
             {e.id: e for e in elements},
             {e.id: facts(e) for e in elements},
-            tuple(gate(e) for e in elements),
+            gates,
             {e.id: e.content() for e in elements},
             history_horizon(elements),
-            {e.id: i for i, e in enumerate(elements)},
-            _by_event(elements),
+            {g.id: i for i, g in enumerate(gates)},
+            marks_by_event(gates),
         )
 
     def screen(self, channel: Channel | None, role: str | None) -> Screen:
@@ -141,14 +143,6 @@ class LibrarySnapshot:
             if len(self.screens) < MAX_SCREENS:
                 self.screens[(channel, role)] = screened
         return screened
-
-
-def _by_event(elements: Sequence[ValueElement]) -> dict[str, tuple[int, ...]]:
-    marks: dict[str, list[int]] = {}
-    for i, e in enumerate(elements):
-        if e.achieved_event is not None:
-            marks.setdefault(e.achieved_event, []).append(i)
-    return {event: tuple(at) for event, at in marks.items()}
 
 
 def _num(obj: object, name: str) -> float | None:
@@ -712,14 +706,12 @@ def _candidate_log(
     elements, is a fifth of the JSON one entry per element was. One the caps turned away after
     ranking keeps its scores."""
     log: list[Any] = []
-    groups: dict[tuple[str | None, str | None], list[str]] = {}
+    groups: dict[tuple[str | None, str], list[str]] = {
+        (rule, detail): list(ids) for rule, detail, ids in screened_out
+    }
     for c in candidates:
         if isinstance(c, Verdict) or (c.score is None and c.excluded_by):
-            ids = groups.get((c.excluded_by, c.detail))
-            if ids is None:
-                ids = groups[(c.excluded_by, c.detail)] = []
-                log.append({"excluded_by": c.excluded_by, "detail": c.detail, "element_ids": ids})
-            ids.append(c.element.id)
+            groups.setdefault((c.excluded_by, c.detail), []).append(c.element.id)
             continue
         if c.excluded_by:
             excluded[c.excluded_by] += 1
@@ -735,10 +727,8 @@ def _candidate_log(
                 "final": c.final,
             }
         )
-    for (rule, _), ids in groups.items():
+    for (rule, detail), ids in groups.items():
+        log.append({"excluded_by": rule, "detail": detail, "element_ids": ids})
         if rule:
             excluded[rule] += len(ids)
-    for rule, detail, element_ids in screened_out:
-        log.append({"excluded_by": rule, "detail": detail, "element_ids": list(element_ids)})
-        excluded[rule] += len(element_ids)
     return log

@@ -141,6 +141,15 @@ def judge(
     ]
 
 
+def marks_by_event(gates: Sequence[Gate]) -> dict[str, tuple[int, ...]]:
+    """The positions of the gates each achieved event marks (``judge_library``'s ``by_event``)."""
+    marks: dict[str, list[int]] = {}
+    for i, g in enumerate(gates):
+        if g.achieved_event is not None:
+            marks.setdefault(g.achieved_event, []).append(i)
+    return {event: tuple(at) for event, at in marks.items()}
+
+
 class LibraryVerdicts(NamedTuple):
     # The verdicts the person's record decides (their open gates, and what they achieved or
     # dismissed), in library order; the others as (rule, detail, element ids).
