@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     # requests each, one transaction each. A batch spends about half its time waiting on
     # PostgreSQL and Kafka: with two, the worker sat idle at full load a quarter of the time.
     decision_readers: int = Field(default=3, ge=1, le=64)
+    # ... but a second batch starts only once this many requests wait: below it, one batch at
+    # a time costs less CPU per decision than several small ones (batching.py).
+    decision_reader_backlog: int = Field(default=8, ge=1, le=256)
     decision_batch_max: int = Field(default=32, ge=1, le=256)
 
     # Ingest: sources, the customer view's windows and scores, triggers (docs/ingest.md).

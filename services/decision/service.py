@@ -151,6 +151,7 @@ class DecisionService:
             self.committer.decide,
             max_batch=s.decision_batch_max,
             readers=s.decision_readers,
+            backlog=s.decision_reader_backlog,
             shared_failure=_unavailable,
         )
         self._worker = runtime.worker(

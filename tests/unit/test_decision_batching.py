@@ -81,6 +81,26 @@ async def test_requests_arriving_during_a_batch_form_the_next_one() -> None:
     assert fake.calls == [["a"], ["b", "c", "d"]]
 
 
+async def test_a_second_batch_starts_only_once_the_backlog_waits() -> None:
+    fake = FakeEngine()
+    fake.hold = hold = asyncio.Event()
+    batcher = DecisionBatcher(fake.decide_many, readers=3, backlog=3)
+    first = asyncio.ensure_future(batcher.decide(_request("a")))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the one reader took "a" and is held in its batch
+    waiting = [asyncio.ensure_future(batcher.decide(_request(u))) for u in ("b", "c")]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert fake.calls == [["a"]] and len(batcher._readers) == 1  # two waiting: below the backlog
+    third = asyncio.ensure_future(batcher.decide(_request("d")))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert fake.calls == [["a"], ["b", "c", "d"]]  # the third waiting one started a second reader
+    hold.set()
+    answers = await asyncio.gather(first, *waiting, third)
+    assert [str(x) for x in answers] == ["a:None", "b:None", "c:None", "d:None"]
+
+
 async def test_batches_are_bounded_and_readers_work_in_parallel() -> None:
     fake = FakeEngine()
     batcher = DecisionBatcher(fake.decide_many, max_batch=4, readers=2)
