@@ -28,6 +28,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from services.decision.engine import Decided, DecisionRequest, UnknownUser
 from shared.metrics import DECISION_READ_BATCH
@@ -101,18 +102,23 @@ class DecisionBatcher:
         return batch
 
     async def _drain(self) -> None:
-        while self._queue:
-            batch = self._take()
-            if not batch:
-                continue
-            try:
-                await self._decide(batch)
-            except BaseException as exc:
-                # Whatever stops this reader (shutdown, a bug outside the decision), the
-                # requests it took must not wait for ever.
-                for pending in batch:
-                    _settle(pending, exc)
-                raise
+        try:
+            while self._queue:
+                batch = self._take()
+                if not batch:
+                    continue
+                try:
+                    await self._decide(batch)
+                except BaseException as exc:
+                    # Whatever stops this reader (shutdown, a bug outside the decision), the
+                    # requests it took must not wait for ever.
+                    for pending in batch:
+                        _settle(pending, exc)
+                    raise
+        finally:
+            # At once, not in the task's done callback (which runs later): a request queued
+            # in between would find this reader still counted, and start none.
+            self._readers.discard(cast("asyncio.Task[None]", asyncio.current_task()))
 
     async def _decide(self, batch: list[_Pending]) -> None:
         DECISION_READ_BATCH.observe(len(batch))

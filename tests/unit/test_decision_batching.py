@@ -71,6 +71,17 @@ async def test_a_lone_request_is_decided_at_once() -> None:
     assert fake.calls == [["solo"]]
 
 
+async def test_a_request_right_after_the_reader_finished_starts_another() -> None:
+    # The awaiting request resumes before the finished reader's done callbacks run: the next
+    # request must not count that reader as still running.
+    fake = FakeEngine()
+    batcher = DecisionBatcher(fake.decide_many, readers=1)
+    assert str(await batcher.decide(_request("a"))) == "a:None"
+    async with asyncio.timeout(2):  # inline: wait_for would run it in a task of its own, later
+        assert str(await batcher.decide(_request("b"))) == "b:None"
+    assert fake.calls == [["a"], ["b"]]
+
+
 async def test_requests_arriving_during_a_batch_form_the_next_one() -> None:
     fake = FakeEngine()
     batcher, (first,), hold = await _held(fake, "a")
