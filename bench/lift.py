@@ -2,7 +2,9 @@
 
 All three serve what NBV ships: the default library, playbooks and decision rules, and the
 default contact policy (per-element cool-downs, caps per channel, snoozes, suppression after a
-dismissal, quiet hours). They differ only in how the eligible elements are ranked:
+dismissal, quiet hours) and delivery's impression capping (a card shown through
+``NBV_INAPP_IMPRESSION_CAP`` sessions without an answer is withdrawn). They differ only in how
+the eligible elements are ranked:
 
 - random: the API with ε = 1: uniform among the eligible elements, slot by slot;
 - rules:  the API's rule prior, ε = 0;

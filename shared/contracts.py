@@ -62,3 +62,6 @@ class DecisionMessage(BaseModel):
 # offer an element again while its card is still open or only snoozed).
 OPEN_CARD_STATUSES = ("pending", "shown", "clicked")
 HELD_CARD_STATUSES = (*OPEN_CARD_STATUSES, "snoozed")
+# An in-app card withdrawn after too many impressions without an answer (impression capping):
+# closed, and held back by the decision service for a cool-down rather than for good.
+WITHDRAWN_CARD_STATUS = "expired"

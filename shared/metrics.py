@@ -55,6 +55,9 @@ DELIVERIES = Counter(
     "nbv_deliveries_total", "Deliveries by channel and outcome", ["channel", "outcome"]
 )
 RESPONSES = Counter("nbv_responses_total", "Responses received", ["outcome", "channel"])
+INBOX_WITHDRAWN = Counter(
+    "nbv_inbox_withdrawn_total", "In-app cards withdrawn after impressions without an answer"
+)
 MODEL_INFO = Gauge(
     "nbv_model_info", "The rankers being served (value 1)", ["version", "kind", "role"]
 )

@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     inbox_stream_poll_s: float = Field(default=1.0, gt=0)
     inbox_stream_keepalive_s: float = Field(default=15.0, gt=0)
     snooze_hours: float = Field(default=24.0, gt=0)
+    # Impression capping (docs/delivery.md): an in-app card shown this many times without an
+    # answer is withdrawn, so the widget's slot goes to a fresh decision; 0 keeps cards open
+    # until the person answers them.
+    inapp_impression_cap: int = Field(default=3, ge=0)
+    # How long the decision service holds back an element whose card was withdrawn.
+    inapp_withdrawn_cooldown_days: float = Field(default=14.0, ge=0)
 
     # Decision engine: exploration, hot reloads and the contact policy (docs/decision.md).
     exploration_policy: Literal["epsilon_greedy", "softmax"] = "epsilon_greedy"

@@ -184,7 +184,6 @@ class Simulation:
         self.week = 0
         self.start = self.clock.now()
         self._shown: dict[str, Shown] = {}
-        self._reported: set[Card] = set()
         self._initial_users = {p.user_id for a in self.world for p in a.people}
         self._initial_accounts = len(self.world)
         self._account = {a.account_id: a for a in self.world}
@@ -227,9 +226,16 @@ class Simulation:
             )
             r.raise_for_status()
 
-    async def _respond(self, user_id: str, decision_id: str, element_id: str, outcome: str) -> None:
-        body = {
-            "id": f"sim-{uuid.uuid4()}",  # the same id on a retry: recorded once
+    async def _respond(
+        self,
+        user_id: str,
+        decision_id: str,
+        element_id: str,
+        outcome: str,
+        *,
+        labelled: bool = True,
+    ) -> None:
+        body: Json = {
             "user_id": user_id,
             "decision_id": decision_id,
             "element_id": element_id,
@@ -237,6 +243,8 @@ class Simulation:
             "channel": "in_app",
             "time": iso(self.clock.now()),
         }
+        if labelled:
+            body["id"] = f"sim-{uuid.uuid4()}"  # the same id on a retry: recorded once
         # Delivery puts the card in the inbox asynchronously; until then the API answers 404.
         for attempt in range(40):
             r = await self._request("POST", "/v1/responses", json=body)
@@ -338,9 +346,12 @@ class Simulation:
         for card in cards:
             on_seen(p, card.element_id, self.fits.get(card.element_id), self._weeks_to_renewal(p))
         for card, outcome in zip(cards, outcomes, strict=True):
-            if card not in self._reported:
-                self._reported.add(card)  # the widget reports a card shown once
-                await self._respond(p.user_id, card.decision_id, card.element_id, "shown")
+            # Like widget.js on each page view: every session reports each card in view shown
+            # (an impression, which impression capping counts), without an id of its own, so
+            # NBV's default key makes all of them one "shown" label.
+            await self._respond(
+                p.user_id, card.decision_id, card.element_id, "shown", labelled=False
+            )
             if outcome != "ignored":
                 await self._respond(p.user_id, card.decision_id, card.element_id, outcome)
             await self._apply(p, card, outcome, t)

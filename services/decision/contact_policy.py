@@ -3,7 +3,8 @@ offered now, and on which channel.
 
 Every "no" carries a rule name (the label of ``nbv_exclusions_total``) and a detail for the
 decision log. The history it counts is the decision log's ``contacts`` (one row per offered
-item), the open inbox cards and pending deliveries (read-only), and the person's preferences.
+item), the open and withdrawn inbox cards and pending deliveries (read-only), and the person's
+preferences.
 Windows are rolling: "per day" is the last 24 hours, "per week" the last 7 days.
 """
 
@@ -34,7 +35,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.decision.library import ValueElement
-from shared.contracts import HELD_CARD_STATUSES
+from shared.contracts import HELD_CARD_STATUSES, WITHDRAWN_CARD_STATUS
 from shared.envelope import Channel
 from shared.settings import Settings
 from shared.store import driver
@@ -82,6 +83,8 @@ class ContactHistory:
 
     offers: list[Offer] = field(default_factory=list)
     open_elements: set[str] = field(default_factory=set)
+    # Element id -> when its in-app card was withdrawn unanswered (impression capping).
+    withdrawn: dict[str, datetime] = field(default_factory=dict)
     csm_id: str | None = None
     csm_alerts_last_day: int = 0
     quiet: QuietWindow | None = None
@@ -144,6 +147,7 @@ class ContactLimits:
     quiet_start: time
     quiet_end: time
     csm_alerts_per_day: int
+    withdrawn_cooldown: timedelta = timedelta(0)
 
     @classmethod
     def from_settings(cls, s: Settings) -> ContactLimits:
@@ -154,6 +158,7 @@ class ContactLimits:
             quiet_start=time.fromisoformat(s.quiet_hours_start),
             quiet_end=time.fromisoformat(s.quiet_hours_end),
             csm_alerts_per_day=s.csm_alerts_per_day,
+            withdrawn_cooldown=timedelta(days=s.inapp_withdrawn_cooldown_days),
         )
 
 
@@ -186,9 +191,19 @@ class ContactPolicy:
     def element_exclusion(
         self, element: ValueElement, history: ContactHistory, now: datetime
     ) -> Exclusion | None:
-        """Rules about the element whatever the channel: pending offer, cool-down."""
+        """Rules about the element whatever the channel: pending offer, a card withdrawn
+        unanswered not long ago, cool-down."""
         if element.id in history.open_elements:
             return Exclusion("pending", "an offer of this element is still open")
+        withdrawn = history.withdrawn.get(element.id)
+        if withdrawn is not None and now < withdrawn + self.limits.withdrawn_cooldown:
+            # Shown again and again without an answer: offering it again soon would put the
+            # same unwanted card back in the widget.
+            return Exclusion(
+                "withdrawn",
+                f"in-app card withdrawn unanswered {withdrawn.isoformat()}; "
+                f"cool-down {self.limits.withdrawn_cooldown.total_seconds() / 86400:g} d",
+            )
         if element.cooldown_days:
             last = history.last_offered(element.id)
             if last is not None and last > now - timedelta(days=element.cooldown_days):
@@ -283,9 +298,11 @@ def history_horizon(elements: Iterable[ValueElement]) -> timedelta:
 def history_entries(dialect: str, user: Any) -> Any:
     """The person's contact history as one JSON column, for the statement that reads people
     (services/decision/person.py), so the policy costs no round trip of its own:
-    ``[[kind, element_id, channel, at], …]`` with kind "c" for a recent offer and "o" for an
-    open card or delivery (channel and time null). ``user`` is the outer statement's user id
-    column (the subquery is correlated to it); binds ``since``."""
+    ``[[kind, element_id, channel, at], …]`` with kind "c" for a recent offer, "o" for an
+    open card or delivery (channel and time null) and "w" for a withdrawn card (at: when). A
+    person has at most one card per element, so the withdrawn ones are read whatever their age
+    (the cool-down after a withdrawal is a setting, not tied to ``since``). ``user`` is the
+    outer statement's user id column (the subquery is correlated to it); binds ``since``."""
     no_channel = cast(null(), String)
     no_time = cast(null(), Contact.at.type)
     entries = union_all(
@@ -303,6 +320,12 @@ def history_entries(dialect: str, user: Any) -> Any:
         select(literal_column("'o'"), Delivery.element_id, no_channel, no_time)
         .where(Delivery.user_id == user, Delivery.status.in_(_constants(OPEN_DELIVERY_STATUSES)))
         .correlate(user.table),
+        select(literal_column("'w'"), InboxItem.element_id, no_channel, InboxItem.updated_at)
+        .where(
+            InboxItem.user_id == user,
+            InboxItem.status == _constants((WITHDRAWN_CARD_STATUS,))[0],
+        )
+        .correlate(user.table),
     ).subquery("history")
     row = (entries.c.kind, entries.c.element_id, entries.c.channel, entries.c.at)
     if dialect == "postgresql":
@@ -318,16 +341,27 @@ def _constants(values: Sequence[str]) -> list[Any]:
     return [literal_column("'" + v.replace("'", "''") + "'") for v in values]
 
 
-def parse_history(entries: Sequence[Sequence[Any]] | None) -> tuple[list[Offer], set[str]]:
-    """The offers and the open elements from ``history_entries``' column."""
-    offers: list[Offer] = []
-    open_elements: set[str] = set()
+@dataclass(frozen=True)
+class History:
+    """What ``history_entries``' column holds, parsed."""
+
+    offers: list[Offer]
+    open_elements: set[str]
+    withdrawn: dict[str, datetime]
+
+
+def parse_history(entries: Sequence[Sequence[Any]] | None) -> History:
+    """The offers, the open elements and the withdrawn cards from ``history_entries``'
+    column."""
+    history = History([], set(), {})
     for kind, element_id, channel, at in entries or ():
         if kind == "c":
-            offers.append(Offer(element_id, channel, _utc(at)))
+            history.offers.append(Offer(element_id, channel, _utc(at)))
+        elif kind == "w":
+            history.withdrawn[element_id] = _utc(at)
         else:
-            open_elements.add(element_id)
-    return offers, open_elements
+            history.open_elements.add(element_id)
+    return history
 
 
 def _utc(value: str) -> datetime:
@@ -369,6 +403,7 @@ def contact_history(
     *,
     offers: list[Offer],
     open_elements: set[str],
+    withdrawn: dict[str, datetime] | None = None,
     user_timezone: str | None,
     channels: dict[str, Any] | None,
     quiet_hours: dict[str, Any] | None,
@@ -382,6 +417,7 @@ def contact_history(
     return ContactHistory(
         offers=offers,
         open_elements=open_elements,
+        withdrawn=withdrawn or {},
         csm_id=csm_id,
         csm_alerts_last_day=csm_load,
         quiet=quiet_window(limits, user_timezone, quiet_hours),

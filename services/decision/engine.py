@@ -441,6 +441,7 @@ class DecisionEngine:
             self.contact.limits,
             offers=person.offers,
             open_elements=person.open_elements,
+            withdrawn=person.withdrawn,
             user_timezone=user.timezone,
             channels=person.channels,
             quiet_hours=person.quiet_hours,

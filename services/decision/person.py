@@ -5,7 +5,7 @@ counts."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +28,8 @@ class Person:
     quiet_hours: dict[str, Any] | None
     offers: list[Offer]
     open_elements: set[str]
+    # Element id -> when its in-app card was withdrawn unanswered (impression capping).
+    withdrawn: dict[str, datetime] = field(default_factory=dict)
 
 
 def _table(model: type[Any]) -> Table:
@@ -113,12 +115,13 @@ def _person(shape: _Statement, values: tuple[Any, ...]) -> Person:
         else None
     )
     preference_user, channels, quiet_hours, entries = values[n_user + n_account :]
-    offers, open_elements = parse_history(entries)
+    history = parse_history(entries)
     return Person(
         user=user,
         account=account,
         channels=channels if preference_user is not None else None,
         quiet_hours=quiet_hours,
-        offers=offers,
-        open_elements=open_elements,
+        offers=history.offers,
+        open_elements=history.open_elements,
+        withdrawn=history.withdrawn,
     )

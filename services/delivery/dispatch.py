@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 
 from services.delivery.channels.base import Channel as Sender
 from services.delivery.channels.base import Outbound, Person, SendFailed
-from services.delivery.inbox import Notifier, card_row, upsert_cards
+from services.delivery.inbox import UNANSWERED_STATUSES, Notifier, card_row, upsert_cards
 from services.delivery.ledger import (
     SENDABLE,
     Status,
@@ -33,9 +33,9 @@ from services.delivery.ledger import (
 from services.delivery.preferences import Preferences, choose_channel, load_preferences, quiet_until
 from services.ingest.erasure import ErasureGuard
 from shared.bus import Record
-from shared.contracts import DecidedItem, DecisionMessage
+from shared.contracts import WITHDRAWN_CARD_STATUS, DecidedItem, DecisionMessage
 from shared.envelope import Channel
-from shared.metrics import DELIVERIES, DELIVERY_ATTEMPTS, DELIVERY_LATENCY
+from shared.metrics import DELIVERIES, DELIVERY_ATTEMPTS, DELIVERY_LATENCY, INBOX_WITHDRAWN
 from shared.runtime import Runtime
 from shared.scheduler import Job
 from shared.store.models import AccountView, Delivery, InboxItem, UserView, ValueElementRow, utcnow
@@ -272,13 +272,40 @@ class Dispatcher:
     async def unsnooze(self, job: Job) -> None:
         card = str(job.payload["card_id"])
         async with self._rt.sessions() as session, session.begin():
+            # "Later" was an answer: the card comes back with a fresh count of impressions.
             user_id = await session.scalar(
                 update(InboxItem)
                 .where(InboxItem.id == card, InboxItem.status == "snoozed")
-                .values(status="pending", updated_at=utcnow())
+                .values(status="pending", impressions=0, updated_at=utcnow())
                 .returning(InboxItem.user_id)
             )
         if user_id:
+            self._notifier.notify([user_id])
+
+    async def withdraw(self, job: Job) -> None:
+        """Impression capping: close a card still unanswered after its last allowed impression.
+        One conditional update, so an answer that came in the meantime (or a new offer of the
+        element, another decision) is never overwritten. No response is recorded: for the
+        training log the card stays what it was, shown and never answered."""
+        impressions = int(job.payload["impressions"])
+        async with self._rt.sessions() as session, session.begin():
+            user_id = await session.scalar(
+                update(InboxItem)
+                .where(
+                    InboxItem.id == str(job.payload["card_id"]),
+                    InboxItem.decision_id == str(job.payload["decision_id"]),
+                    InboxItem.status.in_(UNANSWERED_STATUSES),
+                    InboxItem.impressions >= impressions,
+                )
+                .values(
+                    status=WITHDRAWN_CARD_STATUS,
+                    closed_reason=f"impression cap: shown {impressions} times without an answer",
+                    updated_at=utcnow(),
+                )
+                .returning(InboxItem.user_id)
+            )
+        if user_id:
+            INBOX_WITHDRAWN.inc()
             self._notifier.notify([user_id])
 
 

@@ -11,17 +11,36 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import select
+from sqlalchemy import case, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.contracts import OPEN_CARD_STATUSES, DecidedItem, DecisionMessage, ElementContent
+from shared.contracts import (
+    OPEN_CARD_STATUSES,
+    WITHDRAWN_CARD_STATUS,
+    DecidedItem,
+    DecisionMessage,
+    ElementContent,
+)
 from shared.store.db import dialect_insert
 from shared.store.models import InboxItem
 
 OPEN_STATUSES = OPEN_CARD_STATUSES
 # A response never moves a card backwards (a late "shown" after "completed" changes nothing);
-# a snoozed card comes back as pending when its snooze ends.
-PROGRESS = {"pending": 0, "shown": 1, "clicked": 2, "snoozed": 3, "completed": 4, "dismissed": 4}
+# a snoozed card comes back as pending when its snooze ends. A withdrawn card ranks with
+# "shown": a stale widget's late "shown" leaves it withdrawn, while an answer the person gives
+# it (they may still have it on screen) wins over the withdrawal.
+PROGRESS = {
+    "pending": 0,
+    "shown": 1,
+    WITHDRAWN_CARD_STATUS: 1,
+    "clicked": 2,
+    "snoozed": 3,
+    "completed": 4,
+    "dismissed": 4,
+}
+# Cards nobody has answered yet, the only ones impression capping withdraws (a click is an
+# answer: the person started it).
+UNANSWERED_STATUSES = ("pending", "shown")
 
 
 class InboxCard(BaseModel):
@@ -34,6 +53,8 @@ class InboxCard(BaseModel):
     score: float
     status: str
     reason: str
+    impressions: int = 0
+    closed_reason: str | None = None
     content: ElementContent
     created_at: datetime
     updated_at: datetime
@@ -73,15 +94,22 @@ async def upsert_cards(session: AsyncSession, dialect: str, rows: Sequence[dict[
     if not latest:
         return
     stmt = dialect_insert(dialect, InboxItem).values(list(latest.values()))
-    # A re-offer refreshes an open card; closed ones (completed, dismissed) stay closed, snoozed
+    # A re-offer refreshes an open card and reopens a withdrawn one, each a new offer that
+    # starts counting impressions again; closed ones (completed, dismissed) stay closed, snoozed
     # ones wait for their snooze to end, and an older decision never overwrites a newer one.
+    withdrawn = InboxItem.status == WITHDRAWN_CARD_STATUS
     stmt = stmt.on_conflict_do_update(
         index_elements=["user_id", "element_id"],
         set_={
-            c: stmt.excluded[c]
-            for c in ("decision_id", "rank", "score", "content", "reason", "updated_at")
+            **{
+                c: stmt.excluded[c]
+                for c in ("decision_id", "rank", "score", "content", "reason", "updated_at")
+            },
+            "status": case((withdrawn, "pending"), else_=InboxItem.status),
+            "impressions": 0,
+            "closed_reason": None,
         },
-        where=InboxItem.status.in_(OPEN_STATUSES)
+        where=(InboxItem.status.in_(OPEN_STATUSES) | withdrawn)
         & (InboxItem.updated_at <= stmt.excluded.updated_at),
     )
     await session.execute(stmt)

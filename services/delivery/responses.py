@@ -9,8 +9,9 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.delivery.inbox import PROGRESS, Notifier
+from services.delivery.inbox import PROGRESS, UNANSWERED_STATUSES, Notifier
 from shared.access.guard import Principal, caller, forbidden
 from shared.access.scopes import Scope, requires
 from shared.bus import Message
@@ -23,6 +24,10 @@ from shared.store.models import DecisionRow, Delivery, InboxItem
 log = logging.getLogger(__name__)
 
 UNSNOOZE_JOB = "delivery.unsnooze"
+WITHDRAW_JOB = "delivery.withdraw"
+# The card reaching the impression cap is on the person's screen right now: it is withdrawn a
+# little later, so it does not vanish under their eyes and an answer they give it still counts.
+WITHDRAW_GRACE = timedelta(hours=1)
 
 
 class ResponseIn(BaseModel):
@@ -98,6 +103,28 @@ class Responses:
             return
         MODEL_RESPONSES.labels(version or "unknown", event.payload.outcome.value).inc()
 
+    async def _count_impression(self, session: AsyncSession, item: InboxItem) -> None:
+        """Every "shown" report is an impression (the widget reports once per page view; the
+        event is one label whatever the count). At the cap the card's withdrawal is scheduled."""
+        item.impressions = (item.impressions or 0) + 1
+        cap = self._rt.settings.inapp_impression_cap
+        if cap == 0 or item.impressions != cap:
+            return
+        # Keyed by the card's offer (its decision and when it was first shown since it was
+        # offered or came back from a snooze), so each showing of it is capped once.
+        await schedule(
+            session,
+            self._rt.dialect,
+            key=f"{WITHDRAW_JOB}:{item.id}:{item.decision_id}:{item.updated_at.isoformat()}",
+            kind=WITHDRAW_JOB,
+            due_at=datetime.now(UTC) + WITHDRAW_GRACE,
+            payload={
+                "card_id": item.id,
+                "decision_id": item.decision_id,
+                "impressions": item.impressions,
+            },
+        )
+
     @requires(Scope.RESPONSES_WRITE, widget=True)
     async def respond(
         self, response: ResponseIn, by: Annotated[Principal, Depends(caller)]
@@ -152,6 +179,7 @@ class Responses:
             if PROGRESS[response.outcome.value] > PROGRESS.get(item.status, 0):
                 item.status = response.outcome.value
                 item.updated_at = event.time
+                item.closed_reason = None  # an answer to a withdrawn card reopens or closes it
                 if response.outcome is Outcome.SNOOZED:
                     await schedule(
                         session,
@@ -161,6 +189,13 @@ class Responses:
                         due_at=datetime.now(UTC) + timedelta(hours=self._rt.settings.snooze_hours),
                         payload={"card_id": item.id},
                     )
+            if (
+                response.outcome is Outcome.SHOWN
+                and response.channel is Channel.IN_APP
+                and response.decision_id == item.decision_id
+                and item.status in UNANSWERED_STATUSES
+            ):
+                await self._count_impression(session, item)
             card_status = item.status
         self._notifier.notify([response.user_id])
         return ResponseAccepted(event_id=event.id, status=card_status)

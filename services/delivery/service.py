@@ -27,7 +27,7 @@ from services.delivery.preferences import (
     get_preferences,
     save_preferences,
 )
-from services.delivery.responses import UNSNOOZE_JOB, ResponseAccepted, Responses
+from services.delivery.responses import UNSNOOZE_JOB, WITHDRAW_JOB, ResponseAccepted, Responses
 from services.delivery.stream import card_events
 from services.delivery.tracking import Tracking
 from shared.access import publishable
@@ -65,7 +65,11 @@ class DeliveryService:
         )
         self.scheduler = SchedulerWorker(
             runtime.sessions,
-            {SEND_JOB: self.dispatcher.run_send, UNSNOOZE_JOB: self.dispatcher.unsnooze},
+            {
+                SEND_JOB: self.dispatcher.run_send,
+                UNSNOOZE_JOB: self.dispatcher.unsnooze,
+                WITHDRAW_JOB: self.dispatcher.withdraw,
+            },
             poll_s=settings.delivery_poll_s,
             # Sends run one after another; a small batch keeps a batch of timeouts well inside
             # the lease, so a slow receiver never makes a job look abandoned.

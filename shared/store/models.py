@@ -218,6 +218,10 @@ class InboxItem(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Times the card was reported shown since it was last offered (or came back from a snooze),
+    # and why it was closed when nobody answered it (impression capping).
+    impressions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    closed_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class ScheduledJob(Base):

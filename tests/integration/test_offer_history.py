@@ -7,21 +7,23 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from models.export import load_log
 from models.features import INDEX
 from models.logdata import LogData
 from services.decision.service import DecisionService
+from shared.contracts import WITHDRAWN_CARD_STATUS
 from shared.http import create_app
 from shared.runtime import Runtime
 from shared.settings import Settings
-from shared.store.models import AccountView, Contact, DecisionRow, UserView
+from shared.store.models import AccountView, Contact, DecisionRow, InboxItem, UserView
 from tests.harness import auth_headers
 
 NOW = datetime.now(UTC)
@@ -127,3 +129,53 @@ async def test_times_offered_counts_the_contacts_of_earlier_decisions(
     assert quick.features[order[2], INDEX["area_reporting"]] == 1.0
     long_read = data.take(data.element_id == "long-read")
     assert list(long_read.features[:, INDEX["times_offered"]]) == [0.0, 0.0, 0.0]
+
+
+async def test_a_card_withdrawn_unanswered_holds_its_element_back_for_the_cool_down(
+    nbv: tuple[httpx.AsyncClient, Runtime],
+) -> None:
+    """Impression capping's other half: the withdrawn card is read with the person (the same
+    statement as the open ones) and its element waits out NBV_INAPP_WITHDRAWN_COOLDOWN_DAYS."""
+    http, rt = nbv
+    cooldown = timedelta(days=rt.settings.inapp_withdrawn_cooldown_days)
+    async with rt.sessions() as session, session.begin():
+        session.add(
+            InboxItem(
+                id="card-quick-win",
+                user_id="ana",
+                account_id="acme",
+                element_id="quick-win",
+                decision_id="d-old",
+                rank=1,
+                score=0.5,
+                content={},
+                status=WITHDRAWN_CARD_STATUS,
+                impressions=3,
+                closed_reason="impression cap: shown 3 times without an answer",
+                created_at=NOW - timedelta(days=9),
+                updated_at=NOW - cooldown + timedelta(hours=1),
+            )
+        )
+
+    async def first_card() -> tuple[str, dict[str, Any]]:
+        r = await http.get(
+            "/v1/next-best-value", params={"user_id": "ana", "limit": 1, "channel": "in_app"}
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        explained = (await http.get(f"/v1/decisions/{body['decision_id']}")).json()
+        verdicts = {c["element_id"]: c for c in explained["candidates"]}
+        return body["items"][0]["element_id"], verdicts["quick-win"]
+
+    # The rule prior's favourite (see above) is held back, with the rule named.
+    picked, quick = await first_card()
+    assert picked == "long-read" and quick["excluded_by"] == "withdrawn"
+    # Once the cool-down is over it is offered again.
+    async with rt.sessions() as session, session.begin():
+        await session.execute(
+            update(InboxItem)
+            .where(InboxItem.id == "card-quick-win")
+            .values(updated_at=NOW - cooldown - timedelta(hours=1))
+        )
+    picked, quick = await first_card()
+    assert picked == "quick-win" and quick.get("excluded_by") is None

@@ -1,4 +1,5 @@
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -9,6 +10,7 @@ from services.decision.contact_policy import (
     Offer,
     QuietWindow,
     history_horizon,
+    parse_history,
     quiet_window,
 )
 from services.decision.library import DEFAULT_LIBRARY, load_library
@@ -24,6 +26,7 @@ LIMITS = ContactLimits(
     quiet_start=time(21),
     quiet_end=time(8),
     csm_alerts_per_day=3,
+    withdrawn_cooldown=timedelta(days=14),
 )
 POLICY = ContactPolicy(LIMITS)
 EMAIL_ONLY = LIB["welcome-email"]  # email only, cooldown 3 d
@@ -113,3 +116,34 @@ def test_history_horizon_covers_the_longest_cooldown() -> None:
         days=max(e.cooldown_days for e in LIB.values())
     )
     assert history_horizon([]) == timedelta(days=7)
+
+
+def test_a_withdrawn_card_holds_its_element_back_for_the_cool_down() -> None:
+    # The element's own cool-down (from its offer) has run out; the card was withdrawn after
+    # impressions without an answer five days ago.
+    withdrawn = hist(
+        offers=[Offer(MULTI.id, "in_app", NOW - timedelta(days=60))],
+        withdrawn={MULTI.id: NOW - timedelta(days=5)},
+    )
+    channel, excluded = POLICY.resolve(MULTI, Channel.IN_APP, withdrawn, NOW)
+    assert channel is None and excluded is not None and excluded.rule == "withdrawn"
+    assert "cool-down 14 d" in excluded.detail
+    assert POLICY.element_exclusion(MULTI, withdrawn, NOW + timedelta(days=9)) is None
+    # Other elements are not held back, and with no cool-down configured nothing is.
+    assert POLICY.element_exclusion(EMAIL_ONLY, withdrawn, NOW) is None
+    unlimited = ContactPolicy(replace(LIMITS, withdrawn_cooldown=timedelta(0)))
+    assert unlimited.element_exclusion(MULTI, withdrawn, NOW) is None
+
+
+def test_parse_history_reads_offers_open_and_withdrawn_cards() -> None:
+    parsed = parse_history(
+        [
+            ["c", "a", "email", "2026-11-19T10:00:00"],
+            ["o", "b", None, None],
+            ["w", "c", None, "2026-11-18T09:00:00+01:00"],
+        ]
+    )
+    assert parsed.offers == [Offer("a", "email", datetime(2026, 11, 19, 10, tzinfo=UTC))]
+    assert parsed.open_elements == {"b"}
+    assert parsed.withdrawn == {"c": datetime(2026, 11, 18, 8, tzinfo=UTC)}
+    assert parse_history(None).withdrawn == {}
