@@ -401,9 +401,7 @@ async def csm_alerts_last_day(connection: AsyncConnection, csm_id: str, now: dat
 def contact_history(
     limits: ContactLimits,
     *,
-    offers: list[Offer],
-    open_elements: set[str],
-    withdrawn: dict[str, datetime] | None = None,
+    read: History,
     user_timezone: str | None,
     channels: dict[str, Any] | None,
     quiet_hours: dict[str, Any] | None,
@@ -411,13 +409,13 @@ def contact_history(
     csm_id: str | None,
     csm_load: int,
 ) -> ContactHistory:
-    """What the policy knows about one person: the history read with the person, their
+    """What the policy knows about one person: the history read with the person (``read``), their
     preference centre (``channels``, ``quiet_hours``; None without one) and dismissals."""
     dismissals = [_parse_time(v) for v in dismissed.values()]
     return ContactHistory(
-        offers=offers,
-        open_elements=open_elements,
-        withdrawn=withdrawn or {},
+        offers=read.offers,
+        open_elements=read.open_elements,
+        withdrawn=read.withdrawn,
         csm_id=csm_id,
         csm_alerts_last_day=csm_load,
         quiet=quiet_window(limits, user_timezone, quiet_hours),

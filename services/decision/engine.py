@@ -439,9 +439,7 @@ class DecisionEngine:
         )
         history = contact_history(
             self.contact.limits,
-            offers=person.offers,
-            open_elements=person.open_elements,
-            withdrawn=person.withdrawn,
+            read=person.history,
             user_timezone=user.timezone,
             channels=person.channels,
             quiet_hours=person.quiet_hours,

@@ -5,14 +5,14 @@ counts."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ARRAY, Column, Dialect, Select, String, Table, any_, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.decision.contact_policy import Offer, history_entries, parse_history
+from services.decision.contact_policy import History, history_entries, parse_history
 from services.ingest.view import AccountState, UserState
 from shared.store import driver
 from shared.store.driver import DriverStatement
@@ -26,10 +26,8 @@ class Person:
     # The preference centre's channel switches and quiet hours (None: no preferences saved).
     channels: dict[str, Any] | None
     quiet_hours: dict[str, Any] | None
-    offers: list[Offer]
-    open_elements: set[str]
-    # Element id -> when its in-app card was withdrawn unanswered (impression capping).
-    withdrawn: dict[str, datetime] = field(default_factory=dict)
+    # Recent offers, open cards and deliveries, withdrawn cards (read in the same statement).
+    history: History
 
 
 def _table(model: type[Any]) -> Table:
@@ -115,13 +113,10 @@ def _person(shape: _Statement, values: tuple[Any, ...]) -> Person:
         else None
     )
     preference_user, channels, quiet_hours, entries = values[n_user + n_account :]
-    history = parse_history(entries)
     return Person(
         user=user,
         account=account,
         channels=channels if preference_user is not None else None,
         quiet_hours=quiet_hours,
-        offers=history.offers,
-        open_elements=history.open_elements,
-        withdrawn=history.withdrawn,
+        history=parse_history(entries),
     )
