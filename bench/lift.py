@@ -63,6 +63,7 @@ from models.ranker import LightGBMRanker, load_model
 from models.registry_store import register_and_promote
 from models.simulator.clock import SharedClock
 from models.simulator.driver import Simulation, WeekSummary, run
+from models.simulator.truth import TruthLog
 from tests.harness import ServiceProcess, auth_headers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +238,8 @@ async def run_arm(name: str, args: argparse.Namespace, root: Path) -> Outcome:
     folder.mkdir()
     policy = arm_policy(name, args)
     clock = SharedClock(folder / "clock")
+    # A kept run also keeps the world's hidden truth at each decision (bench/replay.py).
+    truth = TruthLog(folder / "truth.jsonl") if args.keep is not None else None
     proc = ServiceProcess(["run"], process_env(folder, policy, args.seed, clock), folder, name)
     started = time.monotonic()
     retrainer = (
@@ -265,6 +268,7 @@ async def run_arm(name: str, args: argparse.Namespace, root: Path) -> Outcome:
                 cards=args.cards,
                 clock=clock,
                 settle_s=args.settle,
+                truth=truth,
             )
             weeks = await run(
                 sim,
@@ -274,6 +278,8 @@ async def run_arm(name: str, args: argparse.Namespace, root: Path) -> Outcome:
             )
     finally:
         proc.stop()
+        if truth is not None:
+            truth.close()
     out = Outcome(name, weeks, seconds=time.monotonic() - started)
     out.decisions = sum(w.decisions for w in weeks)
     if retrainer is not None:
@@ -403,7 +409,11 @@ async def main() -> None:
         default="",
         help="comma-separated feature columns the ranker trains without (missing), an ablation",
     )
-    parser.add_argument("--keep", type=Path, help="run in this folder and keep it (stores, logs)")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="run in this folder and keep it (stores, logs, the hidden truth for bench/replay.py)",
+    )
     parser.add_argument(
         "--sequential", action="store_true", help="one arm after the other (default: together)"
     )

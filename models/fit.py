@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -122,19 +123,29 @@ def _progress(total: int, enabled: bool) -> Any:
     return callback
 
 
-def train_from_log(data: LogData, config: TrainConfig, *, progress: bool = True) -> Trained:
+def train_from_log(
+    data: LogData,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    label_of: Callable[[LogData], npt.NDArray[np.float64]] | None = None,
+) -> Trained:
+    """``label_of``: what each shown row teaches instead of ``labels`` (an analysis of what
+    other labels would buy, e.g. the simulator's hidden truth in ``bench/replay.py``)."""
     split = data.split_time(config.valid_fraction)
+
+    def label(rows: LogData) -> npt.NDArray[np.float64]:
+        return labels(rows, config) if label_of is None else label_of(rows)
+
     train, train_groups = data.take(data.decided_at < split).ranking_queries(config.group_by)
     valid, valid_groups = data.take(data.decided_at >= split).ranking_queries(config.group_by)
     if not train_groups or not valid_groups:
         raise ValueError("not enough shown rows on both sides of the time split to train")
     names = list(FEATURES)
-    dtrain = lgb.Dataset(
-        train.features, labels(train, config), group=train_groups, feature_name=names
-    )
+    dtrain = lgb.Dataset(train.features, label(train), group=train_groups, feature_name=names)
     dvalid = lgb.Dataset(
         valid.features,
-        labels(valid, config),
+        label(valid),
         group=valid_groups,
         feature_name=names,
         reference=dtrain,
@@ -161,7 +172,7 @@ def train_from_log(data: LogData, config: TrainConfig, *, progress: bool = True)
             config.lgb_params(),
             lgb.Dataset(
                 everything.features,
-                labels(everything, config),
+                label(everything),
                 group=groups,
                 feature_name=names,
             ),

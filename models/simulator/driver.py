@@ -39,6 +39,7 @@ from models.simulator.events import (
     onboarding_events,
     person_week,
 )
+from models.simulator.truth import TruthLog, TruthRecord, hidden_p
 from models.simulator.world import (
     PLANS,
     Account,
@@ -170,8 +171,11 @@ class Simulation:
         library: Path = DEFAULT_LIBRARY,
         clock: Clock | None = None,
         settle_s: float = 0.3,
+        truth: TruthLog | None = None,
     ) -> None:
         self.cards = cards
+        # Where the hidden P(completed) of every element is written at each decision (analysis).
+        self.truth = truth
         self.client = client
         self.seed = seed
         self.policy = policy
@@ -336,6 +340,15 @@ class Simulation:
         fresh = [Card(decided.decision_id, e) for e in decided.cards] if decided else []
         if decided is not None:
             t.decisions += 1
+            if self.truth is not None:
+                self.truth.write(
+                    TruthRecord(
+                        decision_id=decided.decision_id,
+                        user_id=p.user_id,
+                        week=self.week,
+                        p_completed=hidden_p(p, self.fits, self._weeks_to_renewal(p)),
+                    )
+                )
             t.versions[decided.model_version] = t.versions.get(decided.model_version, 0) + 1
         cards = (fresh + older)[: self.cards]
         t.inbox_cards += len(cards) - len(fresh)

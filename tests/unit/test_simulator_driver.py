@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from models.simulator.driver import Simulation
+from models.simulator.truth import TruthLog, read_truth
 
 
 class ScriptedApi:
@@ -83,12 +85,21 @@ class ScriptedApi:
 ITEMS = ["product-tour", "create-first-project", "basics-quiz", "use-mentions-comments"]
 
 
-async def _run(policy: str, cards: int = 3) -> tuple[ScriptedApi, Simulation]:
+async def _run(
+    policy: str, cards: int = 3, truth: TruthLog | None = None
+) -> tuple[ScriptedApi, Simulation]:
     api = ScriptedApi(ITEMS)
     async with httpx.AsyncClient(
         transport=httpx.MockTransport(api), base_url="http://nbv"
     ) as client:
-        sim = Simulation(client, seed=2, accounts=3, policy=policy, cards=cards)  # type: ignore[arg-type]
+        sim = Simulation(
+            client,
+            seed=2,
+            accounts=3,
+            policy=policy,  # type: ignore[arg-type]
+            cards=cards,
+            truth=truth,
+        )
         await sim.setup()
         for _ in range(3):
             await sim.run_week()
@@ -156,3 +167,21 @@ async def test_same_seed_same_events() -> None:
     a, _ = await _run("api")
     b, _ = await _run("api")
     assert sorted(e["id"] for e in a.events) == sorted(e["id"] for e in b.events)
+
+
+async def test_the_truth_log_has_every_decision_with_the_hidden_p_of_every_element(
+    tmp_path: Path,
+) -> None:
+    log = TruthLog(tmp_path / "truth.jsonl")
+    api, sim = await _run("api", truth=log)
+    log.close()
+    records = list(read_truth(tmp_path / "truth.jsonl"))
+    # One record per decision that offered a card (none for an empty answer).
+    offering = {d for d, chosen in api.offered.items() if chosen}
+    assert sorted(r.decision_id for r in records) == sorted(offering)
+    assert {r.week for r in records} == {0, 1, 2}
+    for r in records:
+        assert set(r.p_completed) == set(sim.fits)
+        assert all(0.0 <= p <= 0.95 for p in r.p_completed.values())
+    # The people differ in what would help them: the truth is per person and moment.
+    assert len({tuple(sorted(r.p_completed.items())) for r in records}) > 1
