@@ -328,21 +328,28 @@ def _share(text: str) -> float:
 
 def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     from models.simulator.driver import simulate
+    from models.simulator.truth import TruthLog
     from shared.access.keys import client_key
 
-    summaries, _ = asyncio.run(
-        simulate(
-            args.url,
-            accounts=args.accounts,
-            weeks=args.weeks,
-            seed=args.seed,
-            policy=args.policy,
-            concurrency=args.concurrency,
-            cards=args.cards,
-            on_week=lambda s: print(s.line(), flush=True),
-            api_key=client_key(settings),
+    truth = TruthLog(args.truth_log) if args.truth_log else None
+    try:
+        summaries, _ = asyncio.run(
+            simulate(
+                args.url,
+                accounts=args.accounts,
+                weeks=args.weeks,
+                seed=args.seed,
+                policy=args.policy,
+                concurrency=args.concurrency,
+                cards=args.cards,
+                on_week=lambda s: print(s.line(), flush=True),
+                api_key=client_key(settings),
+                truth=truth,
+            )
         )
-    )
+    finally:
+        if truth is not None:
+            truth.close()
     users = sum(s.active_users for s in summaries)
     done = sum(s.completed for s in summaries)
     print(
@@ -423,4 +430,10 @@ def register(sub: Any) -> None:
     sim.add_argument("--policy", choices=["api", "random"], default="api")
     sim.add_argument("--concurrency", type=int, default=16)
     sim.add_argument("--cards", type=int, default=3, help="cards shown per session (limit)")
+    sim.add_argument(
+        "--truth-log",
+        type=Path,
+        help="append the world's hidden P(completed) of every element at each decision here "
+        "(JSON lines, models/simulator/truth.py; for analysis, NBV never sees it)",
+    )
     sim.set_defaults(handler=_simulate)

@@ -558,11 +558,13 @@ async def simulate(
     clock: Clock | None = None,
     settle_s: float = 0.3,
     api_key: str | None = None,
+    truth: TruthLog | None = None,
 ) -> tuple[list[WeekSummary], Simulation]:
     """Run ``weeks`` simulated weeks against the NBV at ``url``; ``between_weeks(w)`` runs after
     week ``w`` (the lift bench retrains and promotes the ranker there). ``clock``: the NBV
     process's, when it runs on a ``SharedClock`` (default: the wall clock). ``api_key``: sent
-    as ``Authorization: Bearer`` (it needs events:write, decisions:read and responses:write)."""
+    as ``Authorization: Bearer`` (it needs events:write, decisions:read and responses:write).
+    ``truth``: where the world's hidden truth at each decision is written (analysis only)."""
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(
@@ -577,6 +579,7 @@ async def simulate(
             cards=cards,
             clock=clock,
             settle_s=settle_s,
+            truth=truth,
         )
         return await run(sim, weeks, on_week=on_week, between_weeks=between_weeks), sim
 

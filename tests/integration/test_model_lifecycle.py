@@ -13,6 +13,7 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from models.features import FEATURES
 from models.simulator.driver import simulate
+from models.simulator.truth import TruthLog, read_truth
 from tests.harness import TEST_ADMIN_KEY, ServiceProcess, auth_headers, eventually
 
 NBV = [sys.executable, "-m", "services.cli"]
@@ -45,7 +46,11 @@ async def test_export_train_evaluate_promote(tmp_path: Path) -> None:
     proc = ServiceProcess(["run"], env, tmp_path, "nbv")
     try:
         await proc.wait_ready()
-        weeks, sim = await simulate(proc.url, accounts=4, weeks=2, seed=4, api_key=TEST_ADMIN_KEY)
+        truth = TruthLog(tmp_path / "truth.jsonl")
+        weeks, sim = await simulate(
+            proc.url, accounts=4, weeks=2, seed=4, api_key=TEST_ADMIN_KEY, truth=truth
+        )
+        truth.close()
         assert sum(w.decisions for w in weeks) > 20
         assert all(s.model_version == "rules-v1" for s in sim.shown)
 
@@ -62,6 +67,13 @@ async def test_export_train_evaluate_promote(tmp_path: Path) -> None:
             assert row["element_id"] == s.element_id
             assert abs(row["propensity"] - s.propensity) < 1e-6
             assert row["reward"] == s.reward
+        # The hidden truth names the decisions as NBV logged them, and covers every element
+        # that was eligible in each (bench/replay.py scores rankings of them).
+        records = {r.decision_id: r for r in read_truth(tmp_path / "truth.jsonl")}
+        assert set(records) == {s.decision_id for s in sim.shown}
+        for r in table.to_pylist():
+            if r["decision_id"] in records:
+                assert r["element_id"] in records[r["decision_id"]].p_completed
 
         trained = json.loads(
             _nbv(
