@@ -48,9 +48,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.lift import EPOCH, store_url
 from models.evaluate import CERTAIN, arbitration_scores
 from models.export import load_log
 from models.features import INDEX
@@ -61,7 +63,6 @@ from models.simulator.truth import read_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "models" / "configs" / "one_card.yaml"
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FAR = datetime(2200, 1, 1, tzinfo=UTC)
 HOUR_US = 3_600_000_000
 # A model as the decision service ranks with it: (features, levers) → final scores.
@@ -73,25 +74,20 @@ class Arm:
     name: str
     data: LogData
     truth: dict[str, dict[str, float]]  # decision id → element id → hidden P(completed)
-    week_of: dict[str, int]  # decision id → simulated week
+    week: npt.NDArray[np.int64]  # each row's decision's simulated week (-1: no truth kept)
     week_start: dict[int, int]  # week → its first decision's time (µs)
 
 
 async def load_arm(folder: Path) -> Arm:
-    url = f"sqlite+aiosqlite:///{(folder / 'data' / 'nbv.sqlite').resolve()}"
-    data = LogData.from_table(await load_log(url, EPOCH, FAR))
+    data = LogData.from_table(await load_log(store_url(folder), EPOCH, FAR))
     truth: dict[str, dict[str, float]] = {}
     week_of: dict[str, int] = {}
     for record in read_truth(folder / "truth.jsonl"):
         truth[record.decision_id] = record.p_completed
         week_of[record.decision_id] = record.week
-    at = dict(zip(data.decision_id.tolist(), data.decided_at.tolist(), strict=True))
-    week_start: dict[int, int] = {}
-    for decision_id, week in week_of.items():
-        t = at.get(decision_id)
-        if t is not None and (week not in week_start or t < week_start[week]):
-            week_start[week] = int(t)
-    return Arm(folder.name, data, truth, week_of, week_start)
+    week = np.array([week_of.get(d, -1) for d in data.decision_id.tolist()], dtype=np.int64)
+    week_start = {int(w): int(data.decided_at[week == w].min()) for w in np.unique(week) if w >= 0}
+    return Arm(folder.name, data, truth, week, week_start)
 
 
 def as_of(data: LogData, cutoff_us: int) -> LogData:
@@ -134,8 +130,7 @@ def score_week(rank: Ranking, arm: Arm, week: int, greedy: bool) -> Score:
     ``greedy``: the arm logged without exploration, so a propensity of 1 does not tell a
     rule's requirement from the policy's own choice, and only a lone candidate stays."""
     data = arm.data
-    ids = np.array([arm.week_of.get(d, -1) == week for d in data.decision_id.tolist()])
-    rows = data.take(ids)
+    rows = data.take(arm.week == week)
     out = Score()
     if not len(rows):
         return out

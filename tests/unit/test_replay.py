@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from bench import replay
 from models.features import FEATURES, INDEX
 from models.logdata import Floats, LogData
 
-HOUR_US = 3_600_000_000
-
-
-def _replay() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "bench" / "replay.py"
-    spec = importlib.util.spec_from_file_location("bench_replay", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_replay"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-replay = _replay()
+HOUR_US = replay.HOUR_US
 
 
 def _log(rows: Sequence[Mapping[str, object]]) -> LogData:
@@ -95,7 +79,7 @@ def test_a_ranking_is_scored_by_the_hidden_p_of_the_card_it_puts_first() -> None
         "d1": {"a": 0.1, "b": 0.4, "c": 0.0},
         "d2": {"a": 0.2, "b": 0.3, "c": 0.1},
     }
-    arm = replay.Arm("ranker", _log(rows), truth, {"d1": 1, "d2": 1}, {1: HOUR_US})
+    arm = replay.Arm("ranker", _log(rows), truth, np.ones(len(rows), np.int64), {1: HOUR_US})
 
     def least_effort(features: Floats, lever: Floats) -> Floats:
         return np.asarray(-features[:, INDEX["effort_minutes"]], dtype=np.float64)

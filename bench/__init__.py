@@ -1,0 +1,1 @@
+"""Benchmarks and bench analyses, each run as ``python bench/NAME.py`` (README)."""
